@@ -1,0 +1,34 @@
+"""xattention: block-sparse attention with antidiagonal scoring for fast long-context prefill.
+
+>>> import xattention as xa
+>>> method = xa.XAttention(stride=8, threshold=0.9)
+>>> mask = method.estimate(q, k)                    # xa.BlockMask, bool [B, Hq, Qb, Kb]
+>>> out = xa.block_sparse_attention(q, k, v, mask)  # [B, Hq, Lq, D]
+>>> out = xa.sparse_attention(q, k, v, method)      # estimate + attend (dense below method.min_seq_len)
+
+Importing the package does no work: no CUDA initialisation, no Triton compilation, no model registration.
+"""
+
+from __future__ import annotations
+
+from .attention import block_sparse_attention, dense_attention, sparse_attention
+from .block_mask import BlockMask
+from .methods import DEFAULT_MIN_SEQ_LEN, METHODS, Dense, Method, XAttention, method_from_spec
+from .metrics import attention_mass_kept
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MIN_SEQ_LEN",
+    "METHODS",
+    "BlockMask",
+    "Dense",
+    "Method",
+    "XAttention",
+    "__version__",
+    "attention_mass_kept",
+    "block_sparse_attention",
+    "dense_attention",
+    "method_from_spec",
+    "sparse_attention",
+]

@@ -1,0 +1,179 @@
+"""BlockMask: which key blocks each (batch, head, query block) row attends to.
+
+Indexing (the contract every method and kernel shares):
+
+* row ``r`` covers queries ``r*b … r*b+b-1`` of ``q`` (counted from the first query);
+* column ``c`` covers keys ``c*b … c*b+b-1``;
+* queries are aligned to the **end** of the keys: query ``i`` sits at key position ``k_len - q_len + i``;
+* token-level visibility = block kept AND (not causal OR key position <= query position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockMask", "causal_block_bounds"]
+
+
+def causal_block_bounds(
+    q_len: int, k_len: int, block_size: int, device: torch.device | str | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per query-block row, the first and last key block that hold the row's own (diagonal) positions.
+
+    Returns ``(lo, hi)``, each int64 ``[Qb]``. Row ``r``'s first query sits at key position ``k_len - q_len + r*b`` and
+    its last at ``k_len - q_len + min(r*b + b - 1, q_len - 1)``; ``lo``/``hi`` are the key blocks holding those positions.
+    They differ when ``k_len - q_len`` is not a multiple of ``b``. Under causal masking ``hi`` is the last visible block.
+    """
+    num_q_blocks = -(-q_len // block_size)
+    offset = k_len - q_len
+    first = torch.arange(num_q_blocks, device=device) * block_size
+    last = torch.clamp(first + block_size - 1, max=q_len - 1)
+    return (offset + first) // block_size, (offset + last) // block_size
+
+
+@dataclass(frozen=True)
+class BlockMask:
+    """Boolean block mask ``[B, Hq, Qb, Kb]`` plus the geometry needed to interpret it.
+
+    Attributes:
+        mask: bool ``[B, Hq, Qb, Kb]`` with ``Qb = ceil(q_len / block_size)``, ``Kb = ceil(k_len / block_size)``.
+        block_size: tokens per block along both axes.
+        q_len: number of queries ``Lq``.
+        k_len: number of keys ``Lk`` (``Lq <= Lk``; queries aligned to the end of the keys).
+        causal: whether token-level causal masking applies inside the kept blocks.
+    """
+
+    mask: Tensor
+    block_size: int
+    q_len: int
+    k_len: int
+    causal: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
+            raise ValueError(f"BlockMask.mask must be a bool tensor, got {getattr(self.mask, 'dtype', type(self.mask))}")
+        if self.mask.ndim != 4:
+            raise ValueError(f"BlockMask.mask must be [B, Hq, Qb, Kb] (4-D), got shape {tuple(self.mask.shape)}")
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.q_len <= 0 or self.k_len <= 0:
+            raise ValueError(f"q_len and k_len must be positive, got q_len={self.q_len}, k_len={self.k_len}")
+        if self.q_len > self.k_len:
+            raise ValueError(f"q_len ({self.q_len}) must not exceed k_len ({self.k_len})")
+        expected = (-(-self.q_len // self.block_size), -(-self.k_len // self.block_size))
+        if tuple(self.mask.shape[2:]) != expected:
+            raise ValueError(
+                f"BlockMask.mask has {tuple(self.mask.shape[2:])} blocks but q_len={self.q_len}, k_len={self.k_len}, "
+                f"block_size={self.block_size} need (Qb, Kb) = {expected}"
+            )
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.mask.shape[2]
+
+    @property
+    def num_k_blocks(self) -> int:
+        return self.mask.shape[3]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.mask.shape)  # type: ignore[return-value]
+
+    def visible(self) -> Tensor:
+        """bool ``[Qb, Kb]``: blocks holding at least one causally visible (query, key) pair (all blocks if not causal)."""
+        qb, kb = self.num_q_blocks, self.num_k_blocks
+        if not self.causal:
+            return torch.ones(qb, kb, dtype=torch.bool, device=self.mask.device)
+        _, hi = causal_block_bounds(self.q_len, self.k_len, self.block_size, self.mask.device)
+        return torch.arange(kb, device=self.mask.device)[None, :] <= hi[:, None]
+
+    def density_per_head(self) -> Tensor:
+        """float ``[B, Hq]``: kept visible blocks over visible blocks."""
+        vis = self.visible()
+        kept = (self.mask & vis).sum(dim=(-1, -2)).to(torch.float64)
+        return (kept / vis.sum()).to(torch.float32)
+
+    def density(self) -> float:
+        """Fraction of causally visible blocks that are kept, over every batch element and head."""
+        return float(self.density_per_head().mean())
+
+    def to_token_mask(self) -> Tensor:
+        """bool ``[B, Hq, Lq, Lk]``: the token-level visibility this mask means. For tests and small inputs only."""
+        b = self.block_size
+        tok = self.mask.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)[..., : self.q_len, : self.k_len]
+        if self.causal:
+            q_pos = torch.arange(self.q_len, device=tok.device) + (self.k_len - self.q_len)
+            k_pos = torch.arange(self.k_len, device=tok.device)
+            tok = tok & (k_pos[None, :] <= q_pos[:, None])
+        return tok
+
+    def to_indices(self) -> tuple[Tensor, Tensor]:
+        """Per-row index lists of kept blocks.
+
+        Returns ``(indices, counts)``: int32 ``[B, Hq, Qb, Kb]`` holding each row's kept column indices in ascending order
+        followed by padding (``Kb``), and int32 ``[B, Hq, Qb]`` with the number of kept columns per row. Blocks above the
+        causal diagonal are dropped (they hold no visible pair).
+        """
+        kept = self.mask & self.visible()
+        kb = self.num_k_blocks
+        cols = torch.arange(kb, device=kept.device, dtype=torch.int32).expand_as(kept)
+        keyed = torch.where(kept, cols, torch.full_like(cols, kb))
+        indices = torch.sort(keyed, dim=-1).values
+        counts = kept.sum(dim=-1, dtype=torch.int32)
+        return indices.contiguous(), counts.contiguous()
+
+    @classmethod
+    def from_indices(
+        cls,
+        indices: Tensor,
+        counts: Tensor,
+        *,
+        block_size: int,
+        q_len: int,
+        k_len: int,
+        causal: bool = True,
+    ) -> BlockMask:
+        """Inverse of :meth:`to_indices`: the first ``counts[..., r]`` entries of ``indices[..., r, :]`` are kept."""
+        if indices.ndim != 4 or counts.shape != indices.shape[:3]:
+            raise ValueError(
+                f"indices must be [B, Hq, Qb, n] and counts [B, Hq, Qb], got {tuple(indices.shape)} / {tuple(counts.shape)}"
+            )
+        kb = -(-k_len // block_size)
+        n = indices.shape[-1]
+        valid = torch.arange(n, device=indices.device)[None, None, None, :] < counts[..., None]
+        if bool((valid & ((indices < 0) | (indices >= kb))).any()):
+            raise ValueError(f"indices hold key blocks outside [0, {kb})")
+        mask = torch.zeros(*indices.shape[:3], kb + 1, dtype=torch.bool, device=indices.device)
+        safe = torch.where(valid, indices.long(), torch.full_like(indices, kb, dtype=torch.long))
+        mask.scatter_(-1, safe, True)
+        return cls(mask[..., :kb].contiguous(), block_size, q_len, k_len, causal)
+
+    @classmethod
+    def full(
+        cls,
+        batch: int,
+        heads: int,
+        *,
+        block_size: int,
+        q_len: int,
+        k_len: int,
+        causal: bool = True,
+        device: torch.device | str | None = None,
+    ) -> BlockMask:
+        """Every (causally) visible block kept: the dense pattern."""
+        qb, kb = -(-q_len // block_size), -(-k_len // block_size)
+        probe = cls(torch.zeros(1, 1, qb, kb, dtype=torch.bool, device=device), block_size, q_len, k_len, causal)
+        mask = probe.visible().expand(batch, heads, qb, kb).contiguous()
+        return cls(mask, block_size, q_len, k_len, causal)
+
+    def to(self, device: torch.device | str) -> BlockMask:
+        return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockMask(shape={self.shape}, block_size={self.block_size}, q_len={self.q_len}, k_len={self.k_len}, "
+            f"causal={self.causal}, density={self.density():.3f})"
+        )

@@ -1,0 +1,47 @@
+"""Kernels: Triton implementations, each beside its plain-PyTorch twin in :mod:`.reference`.
+
+Nothing here imports Triton at import time; :func:`resolve_backend` picks an implementation from the inputs' device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+__all__ = ["BACKENDS", "resolve_backend", "triton_usable"]
+
+BACKENDS = ("auto", "reference", "triton", "flex")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices of compute capability >= 8.0, or anywhere under ``TRITON_INTERPRET=1``."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = ("reference", "triton")) -> str:
+    """Map ``backend`` (one of :data:`BACKENDS`) to a concrete one that ``supported`` lists, for tensors on ``device``.
+
+    ``"auto"`` is Triton on a CUDA GPU of capability >= 8.0 (not under the interpreter, which is for tests), else the
+    reference. An explicit backend that cannot run raises ``ValueError``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        return "triton" if "triton" in supported and on_gpu and triton_usable(device) else "reference"
+    if backend not in supported:
+        raise ValueError(f"backend {backend!r} is not available here; choose one of {('auto', *supported)}")
+    if backend == "triton" and not triton_usable(device):
+        raise ValueError(
+            f"backend='triton' needs a CUDA GPU with compute capability >= 8.0 and the triton package "
+            f"(or TRITON_INTERPRET=1); got device {device}"
+        )
+    if backend == "flex" and device.type != "cuda":
+        raise ValueError(f"backend='flex' (torch FlexAttention) needs a CUDA device, got {device}")
+    return backend

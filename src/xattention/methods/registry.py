@@ -1,0 +1,50 @@
+"""Method registry and the ``name:key=value,...`` spec syntax used on the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .base import Method
+from .dense import Dense
+from .xattention import XAttention
+
+__all__ = ["METHODS", "method_from_spec"]
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, XAttention)}
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def method_from_spec(spec: str, **defaults: Any) -> Method:
+    """Build a method from ``"name"`` or ``"name:key=value,key=value"`` (e.g. ``"xattention:threshold=0.9,stride=16"``).
+
+    ``defaults`` fill parameters the spec leaves out (e.g. ``min_seq_len=0`` for accuracy studies). Unknown names or
+    parameters raise ``ValueError`` listing what exists.
+    """
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k in allowed}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"method parameter {item!r} in {spec!r} is not of the form key=value")
+        if key not in allowed:
+            raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(sorted(allowed))}")
+        kwargs[key] = _parse_value(value.strip())
+    return cls(**kwargs)

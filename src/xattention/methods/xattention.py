@@ -1,0 +1,91 @@
+"""XAttention: block selection by antidiagonal scoring (Xu et al., 2025, arXiv:2503.16428)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .._validation import check_qkv
+from ..block_mask import BlockMask
+from ..kernels import resolve_backend
+from .base import Method
+
+__all__ = ["XAttention"]
+
+
+@dataclass(kw_only=True, eq=False)
+class XAttention(Method):
+    """Antidiagonal block scoring with cumulative-threshold selection.
+
+    Scores each ``b x b`` block by the softmax mass of its strided antidiagonals (one GEMM at ``1/S`` of the dense cost),
+    then keeps per query-block row the sink and diagonal blocks plus the fewest others whose scores reach
+    ``threshold x`` the row total. See :func:`xattention.kernels.reference.antidiagonal_block_scores` and
+    :func:`~xattention.kernels.reference.select_blocks` for the exact rule.
+
+    Attributes:
+        stride: antidiagonal stride ``S`` (default 8); ``block_size % stride == 0``.
+        threshold: ``tau`` in ``(0, 1]``, a float or a per-query-head tensor ``[Hq]`` (default 0.9).
+        shared_kv_mask: choose one mask per GQA group from the group's mean block scores (threshold: the group's
+            largest), so the attention kernel loads each K/V block once per group. Off by default.
+    """
+
+    name: ClassVar[str] = "xattention"
+
+    stride: int = 8
+    threshold: float | Tensor = 0.9
+    shared_kv_mask: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.stride, int) or self.stride <= 0:
+            raise ValueError(f"stride must be a positive int, got {self.stride!r}")
+        if self.block_size % self.stride != 0:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of stride ({self.stride})")
+        if isinstance(self.threshold, Tensor):
+            if self.threshold.ndim != 1 or self.threshold.numel() == 0 or not self.threshold.is_floating_point():
+                raise ValueError(
+                    f"a per-head threshold must be a 1-D float tensor [Hq], got shape {tuple(self.threshold.shape)} "
+                    f"and dtype {self.threshold.dtype}"
+                )
+            bad = (self.threshold <= 0) | (self.threshold > 1) | self.threshold.isnan()
+            if bool(bad.any()):
+                raise ValueError(f"threshold values must lie in (0, 1], got {self.threshold.tolist()}")
+        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a float or a [Hq] tensor, got {type(self.threshold).__name__}")
+        elif not 0.0 < float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+
+    def head_thresholds(self, num_heads: int, device: torch.device) -> Tensor:
+        """float32 ``[Hq]`` thresholds, checking a per-head tensor's length against ``num_heads``."""
+        if isinstance(self.threshold, Tensor):
+            if self.threshold.numel() != num_heads:
+                raise ValueError(f"per-head threshold has {self.threshold.numel()} entries but q has {num_heads} heads")
+            return self.threshold.to(device=device, dtype=torch.float32)
+        return torch.full((num_heads,), float(self.threshold), device=device)
+
+    def estimate(
+        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+    ) -> BlockMask:
+        bsz, hq, hkv, lq, lk, _ = check_qkv(q, k)
+        thresholds = self.head_thresholds(hq, q.device)
+        if resolve_backend(backend, q.device) == "triton":
+            from ..kernels import antidiagonal as scoring
+            from ..kernels import select as selection
+        else:
+            from ..kernels import reference as scoring
+            from ..kernels import reference as selection
+
+        scores = scoring.antidiagonal_block_scores(
+            q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
+        )
+        if self.shared_kv_mask and hq != hkv:
+            g = hq // hkv
+            scores = scores.view(bsz, hkv, g, *scores.shape[2:]).mean(dim=2)
+            thresholds = thresholds.view(hkv, g).amax(dim=1)
+        mask = selection.select_blocks(scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal)
+        if mask.shape[1] != hq:
+            mask = mask.repeat_interleave(hq // hkv, dim=1)
+        return BlockMask(mask, self.block_size, lq, lk, causal)

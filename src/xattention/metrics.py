@@ -1,0 +1,26 @@
+"""Quality measures for block masks against exact attention."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ._validation import check_qkv
+from .block_mask import BlockMask
+from .kernels.reference import true_block_scores
+
+__all__ = ["attention_mass_kept"]
+
+
+def attention_mass_kept(q: Tensor, k: Tensor, mask: BlockMask, *, scale: float | None = None) -> Tensor:
+    """Fraction of the exact softmax attention mass that falls inside ``mask``'s kept blocks, per head.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; mask: a :class:`BlockMask` for them.
+    Returns:
+        float32 ``[B, Hq]``, the mean over queries of the kept probability mass (1.0 for the dense mask).
+    """
+    _, _, _, lq, lk, _ = check_qkv(q, k)
+    if mask.q_len != lq or mask.k_len != lk or mask.shape[:2] != (q.shape[0], q.shape[1]):
+        raise ValueError(f"BlockMask {mask.shape} (q_len={mask.q_len}, k_len={mask.k_len}) does not fit q/k")
+    true = true_block_scores(q, k, block_size=mask.block_size, causal=mask.causal, scale=scale)
+    return (true * mask.mask.to(true.dtype)).sum(dim=(-1, -2)) / lq

@@ -1,0 +1,29 @@
+"""``xattention bench {kernels,context-parallel}``: route to the benchmark modules."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+__all__ = ["add_arguments", "main"]
+
+BENCHMARKS = {
+    "kernels": ("xattention.benchmarks.kernels", "dense vs sparse kernels, selection, end to end (GPU)"),
+    "context-parallel": ("xattention.benchmarks.context_parallel", "ring sparse prefill over N ranks (torchrun)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_bench_main=module.main)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(args._bench_main(args) or 0)

@@ -1,0 +1,176 @@
+"""Triton block-sparse flash attention forward (twin of :func:`.reference.block_sparse_attention`).
+
+One program per (batch x query head, query block): it loads its ``b`` queries once, walks the row's kept key blocks
+from an index list (no branch per masked block) with an online softmax (Dao, 2023, FlashAttention-2, Alg. 1), and
+applies the causal/padding mask only to the trailing blocks that need it. Programs of the heads that share a K/V head
+are launched next to each other, so a K/V block fetched for one is served from L2 to the others.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["block_sparse_attention", "mask_to_indices"]
+
+LOG2E = 1.4426950408889634
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural log of 2: converts log2 sums back to nats
+
+
+def _configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+@triton.autotune(configs=_configs(), key=["BLOCK", "BLOCK_D", "CAUSAL", "G"])
+@triton.jit
+def _block_sparse_attention_fwd(
+    Q, K, V, Out, Lse, Idx, Cnt, NFull,
+    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    scale_log2, q_len, k_len, num_heads, num_q_blocks, num_k_blocks,
+    G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0)
+    # Late query blocks keep the most key blocks: start them first so the tail of the launch is short.
+    row = num_q_blocks - 1 - tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_head = head // G
+
+    offs_m = row * BLOCK + tl.arange(0, BLOCK)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q = tl.load(
+        Q + batch * sqb + head * sqh + offs_m[:, None] * sql + offs_d[None, :],
+        mask=(offs_m < q_len)[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    k_base = K + batch * skb + kv_head * skh
+    v_base = V + batch * svb + kv_head * svh
+    row_id = pid_bh.to(tl.int64) * num_q_blocks + row
+    count = tl.load(Cnt + row_id)
+    n_full = tl.load(NFull + row_id)
+    idx_base = Idx + row_id * num_k_blocks
+    q_pos = (k_len - q_len) + offs_m
+
+    m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+
+    # Blocks entirely visible to every query of the row: no mask.
+    for j in range(0, n_full):
+        col = tl.load(idx_base + j)
+        offs_k = col * BLOCK + offs_n
+        k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    # Diagonal and last (partial) blocks: causal and padding mask.
+    for j in range(n_full, count):
+        col = tl.load(idx_base + j)
+        offs_k = col * BLOCK + offs_n
+        k_ok = offs_k < k_len
+        k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        ok = k_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_k[None, :] <= q_pos[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    has_key = l_i > 0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    tl.store(
+        Out + batch * sob + head * soh + offs_m[:, None] * sol + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_m < q_len)[:, None] & d_ok[None, :],
+    )
+    if STORE_LSE:
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
+
+
+def mask_to_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """bool ``[B, H, Qb, Kb]`` -> (int32 ``[B, H, Qb, Kb]`` kept columns ascending then padding, int32 counts ``[B, H, Qb]``).
+
+    A cumulative sum gives each kept block its slot, so no sort is needed.
+    """
+    kb = mask.shape[-1]
+    slot = torch.cumsum(mask, dim=-1, dtype=torch.int32) - 1
+    slot = torch.where(mask, slot, kb)
+    indices = torch.full((*mask.shape[:-1], kb + 1), kb, dtype=torch.int32, device=mask.device)
+    cols = torch.arange(kb, dtype=torch.int32, device=mask.device).expand_as(slot)
+    indices.scatter_(-1, slot.long(), cols)
+    return indices[..., :kb].contiguous(), mask.sum(dim=-1, dtype=torch.int32)
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    *,
+    block_size: int,
+    causal: bool = True,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact attention over the kept blocks of ``mask``; same contract as the reference.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``; mask: bool ``[B, Hq, Qb, Kb]``.
+        return_lse: also return the float32 log-sum-exp of each query's scores ``[B, Hq, Lq]`` (``-inf`` for a query that
+            sees no key), for merging partial results (context parallelism).
+    Returns:
+        ``[B, Hq, Lq, D]`` in q's dtype (and the LSE).
+    """
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    qb, kb = mask.shape[2], mask.shape[3]
+    indices, counts = mask_to_indices(mask.contiguous())
+    # A kept block is "full" when every key in it is real and visible to the row's first query.
+    rows = torch.arange(qb, device=q.device)
+    full_max = torch.full_like(rows, lk // block_size - 1)
+    if causal:
+        full_max = torch.minimum(full_max, ((lk - lq) + rows * block_size + 1) // block_size - 1)
+    n_full = (indices <= full_max.view(1, 1, qb, 1).to(torch.int32)).sum(dim=-1, dtype=torch.int32)
+    n_full = torch.minimum(n_full, counts)
+
+    out = torch.empty_like(q)
+    lse = torch.empty(bsz, hq, lq, dtype=torch.float32, device=q.device) if return_lse else out
+    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    grid = (bsz * hq, qb)
+    _block_sparse_attention_fwd[grid](
+        q, k, v, out, lse, indices, counts, n_full,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        factor, lq, lk, hq, qb, kb,
+        G=hq // hkv, D=d, BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        CAUSAL=causal, STORE_LSE=return_lse,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out

@@ -135,6 +135,7 @@ def sparse_attention(
         return (out, None) if return_mask else out
     estimate_backend = "auto" if backend == "flex" else backend
     mask = method.estimate(q, k, causal=causal, scale=scale, backend=estimate_backend)
-    logger.debug("%s kept %.3f of the blocks at Lk=%d", type(method).__name__, mask.density(), lk)
+    if logger.isEnabledFor(logging.DEBUG):  # density() synchronises the device: only when asked for
+        logger.debug("%s kept %.3f of the blocks at Lk=%d", type(method).__name__, mask.density(), lk)
     out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
     return (out, mask) if return_mask else out

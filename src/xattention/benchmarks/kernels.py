@@ -81,6 +81,7 @@ def _measure_length(
 
     from .. import XAttention, block_sparse_attention, sparse_attention
     from ..kernels.antidiagonal import antidiagonal_block_scores
+    from ..kernels.block_sparse_attention import block_sparse_attention as triton_attention
     from ..kernels.select import select_blocks
 
     heads, length, head_dim = q.shape[1], q.shape[2], q.shape[3]
@@ -108,6 +109,10 @@ def _measure_length(
         real = mask.density()
         entry: dict[str, Any] = {"target_density": density, "density": real}
         entry["triton_ms"] = _bench(lambda m=mask: block_sparse_attention(q, k, v, m, backend="triton"), rep_ms)
+        # the same kernel with plain pointer loads instead of bulk (TMA) copies, to show what the copy engine buys
+        entry["triton_pointer_loads_ms"] = _bench(
+            lambda m=mask: triton_attention(q, k, v, m.mask, block_size=block, use_tma=False), rep_ms
+        )
         # throughput per active block relative to cuDNN dense: (dense time / dense blocks) / (ours / our blocks)
         entry["triton_vs_cudnn_per_block"] = dense_ms * real / entry["triton_ms"]
         if with_flex:
@@ -118,14 +123,15 @@ def _measure_length(
 
     row["selection"] = []
     thr = torch.full((heads,), threshold, device=device)
-    for stride in strides:
-        method = XAttention(stride=stride, threshold=threshold, min_seq_len=0)
+    for stride, shared in [(s, False) for s in strides] + [(strides[0], True)]:
+        method = XAttention(stride=stride, threshold=threshold, min_seq_len=0, shared_kv_mask=shared)
         score_ms = _bench(lambda s=stride: antidiagonal_block_scores(q, k, stride=s, block_size=block), rep_ms)
         scores = antidiagonal_block_scores(q, k, stride=stride, block_size=block)
         select_ms = _bench(lambda a=scores: select_blocks(a, thr, q_len=length, k_len=length, block_size=block), rep_ms)
         mask = method.estimate(q, k, backend="triton")
         sel = {
             "stride": stride,
+            "shared_kv_mask": shared,
             "score_ms": score_ms,
             "select_ms": select_ms,
             "estimate_ms": _bench(lambda m=method: m.estimate(q, k, backend="triton"), rep_ms),
@@ -199,7 +205,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     lengths = [r["length"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for stride in record["params"]["strides"]:
-        sp = [next(s["speedup_vs_cudnn"] for s in r["selection"] if s["stride"] == stride) for r in rows]
+        sp = [
+            next(s["speedup_vs_cudnn"] for s in r["selection"] if s["stride"] == stride and not s["shared_kv_mask"]) for r in rows
+        ]
         ax1.plot(lengths, sp, marker="o", label=f"XAttention S={stride}, tau={record['params']['threshold']}")
     ax1.axhline(1.0, color="gray", ls="--", lw=1)
     ax1.set_xscale("log", base=2)
@@ -262,24 +270,29 @@ def main(args: argparse.Namespace) -> int:
 
 
 def format_table(record: dict[str, Any]) -> str:
-    lines = ["| L | cuDNN ms | flash ms | density | triton ms | x cuDNN/blk | flex ms | x cuDNN/blk |", "|---" * 8 + "|"]
+    lines = [
+        "| L | cuDNN ms | flash ms | density | triton ms | x cuDNN/blk | no-TMA ms | flex ms | x cuDNN/blk |",
+        "|---" * 9 + "|",
+    ]
     for r in record["rows"]:
         for s in r["sparse"]:
             lines.append(
                 f"| {r['length']} | {r['dense_cudnn_ms'] or math.nan:.2f} | {r['dense_flash_ms'] or math.nan:.2f} | "
                 f"{s['density']:.3f} | {s['triton_ms']:.2f} | {s['triton_vs_cudnn_per_block']:.2f} | "
+                f"{s['triton_pointer_loads_ms']:.2f} | "
                 f"{s.get('flex_ms', math.nan):.2f} | {s.get('flex_vs_cudnn_per_block', math.nan):.2f} |"
             )
     lines += ["", "| L | default XAttention() ms | speed-up vs cuDNN |", "|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['length']} | {r['default_method_ms']:.3f} | {r['default_vs_cudnn']:.2f} |")
-    lines += ["", "| L | S | score ms | select ms | estimate ms | density | attend ms | e2e ms | speed-up vs cuDNN |"]
-    lines.append("|---" * 9 + "|")
+    lines += ["", "| L | S | shared | score ms | select ms | estimate ms | density | attend ms | e2e ms | speed-up vs cuDNN |"]
+    lines.append("|---" * 10 + "|")
     for r in record["rows"]:
         for s in r["selection"]:
             lines.append(
-                f"| {r['length']} | {s['stride']} | {s['score_ms']:.2f} | {s['select_ms']:.2f} | {s['estimate_ms']:.2f} | "
-                f"{s['density']:.3f} | {s['attend_ms']:.2f} | {s['end_to_end_ms']:.2f} | {s['speedup_vs_cudnn']:.2f} |"
+                f"| {r['length']} | {s['stride']} | {s['shared_kv_mask']} | {s['score_ms']:.2f} | "
+                f"{s['select_ms']:.2f} | {s['estimate_ms']:.2f} | {s['density']:.3f} | {s['attend_ms']:.2f} | "
+                f"{s['end_to_end_ms']:.2f} | {s['speedup_vs_cudnn']:.2f} |"
             )
     return "\n".join(lines)
 

@@ -28,14 +28,14 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["BLOCK", "BLOCK_D", "CAUSAL", "G"])
+@triton.autotune(configs=_configs(), key=["BLOCK", "BLOCK_D", "CAUSAL", "G", "USE_TMA"])
 @triton.jit
 def _block_sparse_attention_fwd(
-    Q, K, V, Out, Lse, Idx, Cnt, NFull,
+    Q, K, V, KDesc, VDesc, Out, Lse, Idx, Cnt, NFull,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
     scale_log2, q_len, k_len, num_heads, num_q_blocks, num_k_blocks,
     G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+    CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     # Late query blocks keep the most key blocks: start them first so the tail of the launch is short.
@@ -68,9 +68,13 @@ def _block_sparse_attention_fwd(
     # Blocks entirely visible to every query of the row: no mask.
     for j in range(0, n_full):
         col = tl.load(idx_base + j)
-        offs_k = col * BLOCK + offs_n
-        k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        if USE_TMA:
+            k = KDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+            v = VDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+        else:
+            offs_k = col * BLOCK + offs_n
+            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -84,8 +88,13 @@ def _block_sparse_attention_fwd(
         col = tl.load(idx_base + j)
         offs_k = col * BLOCK + offs_n
         k_ok = offs_k < k_len
-        k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        if USE_TMA:  # the copy engine zero-fills rows past k_len
+            k = KDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+            v = VDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+        else:
+            kv_ok = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=kv_ok, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         ok = k_ok[None, :]
         if CAUSAL:
@@ -112,18 +121,55 @@ def _block_sparse_attention_fwd(
         tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=offs_m < q_len)
 
 
-def mask_to_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """bool ``[B, H, Qb, Kb]`` -> (int32 ``[B, H, Qb, Kb]`` kept columns ascending then padding, int32 counts ``[B, H, Qb]``).
+@triton.jit
+def _mask_to_indices_fwd(
+    Mask, Idx, Cnt, NFull, FullMax, num_q_blocks, num_k_blocks, KB_POW2: tl.constexpr, HAS_FULL: tl.constexpr
+):
+    row_id = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, KB_POW2)
+    in_row = cols < num_k_blocks
+    kept = tl.load(Mask + row_id * num_k_blocks + cols, mask=in_row, other=0) != 0
+    kept_i = kept.to(tl.int32)
+    before = tl.cumsum(kept_i, 0) - kept_i  # kept blocks left of each column
+    count = tl.sum(kept_i, 0)
+    # kept columns in ascending order, then the padding value num_k_blocks: every slot written once
+    slot = tl.where(kept, before, count + cols - before)
+    value = tl.where(kept, cols, num_k_blocks)
+    tl.store(Idx + row_id * num_k_blocks + slot, value, mask=in_row)
+    tl.store(Cnt + row_id, count)
+    if HAS_FULL:
+        full_max = tl.load(FullMax + row_id % num_q_blocks)
+        tl.store(NFull + row_id, tl.sum((kept & (cols <= full_max)).to(tl.int32), 0))
 
-    A cumulative sum gives each kept block its slot, so no sort is needed.
+
+def mask_to_indices(mask: Tensor, full_max: Tensor | None = None) -> tuple[Tensor, ...]:
+    """bool ``[B, H, Qb, Kb]`` -> index lists in one pass (no sort).
+
+    Returns ``(indices, counts)``: int32 ``[B, H, Qb, Kb]`` with each row's kept columns ascending then padding ``Kb``,
+    and int32 ``[B, H, Qb]`` counts. With ``full_max`` (int ``[Qb]``: the last column each row sees entirely), also the
+    number of kept columns ``<= full_max`` (they lead the list, since it is ascending).
     """
-    kb = mask.shape[-1]
-    slot = torch.cumsum(mask, dim=-1, dtype=torch.int32) - 1
-    slot = torch.where(mask, slot, kb)
-    indices = torch.full((*mask.shape[:-1], kb + 1), kb, dtype=torch.int32, device=mask.device)
-    cols = torch.arange(kb, dtype=torch.int32, device=mask.device).expand_as(slot)
-    indices.scatter_(-1, slot.long(), cols)
-    return indices[..., :kb].contiguous(), mask.sum(dim=-1, dtype=torch.int32)
+    bsz, heads, qb, kb = mask.shape
+    mask = mask.contiguous()
+    indices = torch.empty(bsz, heads, qb, kb, dtype=torch.int32, device=mask.device)
+    counts = torch.empty(bsz, heads, qb, dtype=torch.int32, device=mask.device)
+    n_full = torch.empty_like(counts) if full_max is not None else counts
+    _mask_to_indices_fwd[(bsz * heads * qb,)](
+        mask.view(torch.int8), indices, counts, n_full,
+        full_max.to(torch.int32).contiguous() if full_max is not None else counts,
+        qb, kb, KB_POW2=max(16, triton.next_power_of_2(kb)), HAS_FULL=full_max is not None,
+    )  # fmt: skip
+    return (indices, counts) if full_max is None else (indices, counts, n_full)
+
+
+def _tma_usable(*tensors: Tensor) -> bool:
+    """Bulk tensor copies need compute capability >= 9.0, 16-bit data, 16-byte aligned bases and strides."""
+    t = tensors[0]
+    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.cuda.get_device_capability(t.device) < (9, 0) or t.element_size() != 2:
+        return False
+    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 
 def block_sparse_attention(
@@ -136,6 +182,7 @@ def block_sparse_attention(
     causal: bool = True,
     scale: float | None = None,
     return_lse: bool = False,
+    use_tma: bool | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact attention over the kept blocks of ``mask``; same contract as the reference.
 
@@ -143,6 +190,8 @@ def block_sparse_attention(
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``; mask: bool ``[B, Hq, Qb, Kb]``.
         return_lse: also return the float32 log-sum-exp of each query's scores ``[B, Hq, Lq]`` (``-inf`` for a query that
             sees no key), for merging partial results (context parallelism).
+        use_tma: load K/V blocks with the Hopper tensor-memory-accelerator (bulk copies, no per-thread address math);
+            default: on devices of compute capability >= 9.0 when the strides allow it.
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype (and the LSE).
     """
@@ -152,25 +201,31 @@ def block_sparse_attention(
         raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     qb, kb = mask.shape[2], mask.shape[3]
-    indices, counts = mask_to_indices(mask.contiguous())
-    # A kept block is "full" when every key in it is real and visible to the row's first query.
+    # A kept block is "full" when every key in it is real and visible to the row's first query: no mask needed.
     rows = torch.arange(qb, device=q.device)
     full_max = torch.full_like(rows, lk // block_size - 1)
     if causal:
         full_max = torch.minimum(full_max, ((lk - lq) + rows * block_size + 1) // block_size - 1)
-    n_full = (indices <= full_max.view(1, 1, qb, 1).to(torch.int32)).sum(dim=-1, dtype=torch.int32)
-    n_full = torch.minimum(n_full, counts)
+    indices, counts, n_full = mask_to_indices(mask, full_max)
 
+    block_d = max(16, triton.next_power_of_2(d))
+    if use_tma is None:
+        use_tma = _tma_usable(k, v)
+    k_desc = v_desc = None
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, block_d]) for t in (k, v))
     out = torch.empty_like(q)
     lse = torch.empty(bsz, hq, lq, dtype=torch.float32, device=q.device) if return_lse else out
     factor = (scale if scale is not None else 1.0 / math.sqrt(d)) * LOG2E
     grid = (bsz * hq, qb)
     _block_sparse_attention_fwd[grid](
-        q, k, v, out, lse, indices, counts, n_full,
+        q, k, v, k_desc, v_desc, out, lse, indices, counts, n_full,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         factor, lq, lk, hq, qb, kb,
-        G=hq // hkv, D=d, BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        CAUSAL=causal, STORE_LSE=return_lse,
+        G=hq // hkv, D=d, BLOCK=block_size, BLOCK_D=block_d,
+        CAUSAL=causal, STORE_LSE=return_lse, USE_TMA=use_tma,
     )  # fmt: skip
     return (out, lse) if return_lse else out

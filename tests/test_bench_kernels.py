@@ -1,0 +1,55 @@
+"""The kernel benchmark's CPU-side pieces: argument parsing, FLOP count, random masks, table and plot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xattention.benchmarks import kernels as bench
+
+
+def test_parse_lengths() -> None:
+    assert bench.parse_lengths("8k, 1000,128K") == [8192, 1000, 131072]
+    with pytest.raises(ValueError, match="lengths"):
+        bench.parse_lengths("")
+
+
+def test_causal_flops_counts_visible_pairs() -> None:
+    # 3 queries over 5 keys, bottom-right: query i sees 2 + i + 1 keys -> 3 + 4 + 5 = 12 pairs
+    assert bench.causal_attention_flops(1, 1, 3, 5, 2) == 4 * 12 * 2
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_random_block_mask_density_and_rules(density: float) -> None:
+    mask = bench.random_block_mask(1, 4, 4096, 128, density, torch.device("cpu"))
+    assert mask.mask[..., 0].all()  # sink
+    assert torch.diagonal(mask.mask, dim1=-2, dim2=-1).all()  # diagonal
+    assert not torch.triu(mask.mask, diagonal=1).any()
+    assert math.isclose(mask.density(), density, abs_tol=0.05)
+
+
+def test_table_and_plot(tmp_path) -> None:
+    sparse = [
+        {"target_density": d, "density": d, "triton_ms": 10 * d, "triton_vs_cudnn_per_block": 0.9,
+         "triton_pointer_loads_ms": 11 * d, "flex_ms": 12 * d, "flex_vs_cudnn_per_block": 0.7}
+        for d in (1.0, 0.1)
+    ]  # fmt: skip
+    selection = [
+        {"stride": s, "shared_kv_mask": sh, "score_ms": 1.0, "select_ms": 0.1, "estimate_ms": 1.2, "density": 0.1,
+         "attend_ms": 1.0, "end_to_end_ms": 2.3, "speedup_vs_cudnn": 4.0}
+        for s, sh in ((8, False), (16, False), (8, True))
+    ]  # fmt: skip
+    rows = [
+        {"length": n, "dense_cudnn_ms": 9.0, "dense_flash_ms": 15.0, "sparse": sparse, "selection": selection,
+         "default_method_ms": 9.1, "default_vs_cudnn": 0.99}
+        for n in (8192, 16384)
+    ]  # fmt: skip
+    record = {"gpu": "Test GPU", "torch": "x", "triton": "y", "params": {"strides": [8, 16], "threshold": 0.9}}
+    record["rows"] = rows
+    table = bench.format_table(record)
+    assert "| 16384 | 9.00 | 15.00 | 0.100 | 1.00 | 0.90 | 1.10 | 1.20 | 0.70 |" in table
+    assert "| 8192 | 8 | True |" in table
+    bench.plot(record, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_MIN_SEQ_LEN", "Method"]
 
 # Below this many keys `sparse_attention` runs dense attention: selection plus a sparse kernel does not pay for itself on
 # short inputs. Measured crossover on an H200 (see README, "Speed"); override per method with `min_seq_len=`.
-DEFAULT_MIN_SEQ_LEN = 8192
+DEFAULT_MIN_SEQ_LEN = 12288
 
 
 @dataclass(kw_only=True, eq=False)

@@ -13,7 +13,18 @@ from __future__ import annotations
 
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
-from .methods import DEFAULT_MIN_SEQ_LEN, METHODS, Dense, Method, XAttention, method_from_spec
+from .methods import (
+    DEFAULT_MIN_SEQ_LEN,
+    METHODS,
+    Dense,
+    FlexPrefill,
+    Method,
+    Oracle,
+    Streaming,
+    VerticalSlash,
+    XAttention,
+    method_from_spec,
+)
 from .metrics import attention_mass_kept
 
 __version__ = "0.1.0"
@@ -23,7 +34,11 @@ __all__ = [
     "METHODS",
     "BlockMask",
     "Dense",
+    "FlexPrefill",
     "Method",
+    "Oracle",
+    "Streaming",
+    "VerticalSlash",
     "XAttention",
     "__version__",
     "attention_mass_kept",

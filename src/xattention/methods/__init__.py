@@ -8,7 +8,22 @@ from __future__ import annotations
 
 from .base import DEFAULT_MIN_SEQ_LEN, Method
 from .dense import Dense
+from .flexprefill import FlexPrefill
+from .oracle import Oracle
 from .registry import METHODS, method_from_spec
+from .streaming import Streaming
+from .vertical_slash import VerticalSlash
 from .xattention import XAttention
 
-__all__ = ["DEFAULT_MIN_SEQ_LEN", "METHODS", "Dense", "Method", "XAttention", "method_from_spec"]
+__all__ = [
+    "DEFAULT_MIN_SEQ_LEN",
+    "METHODS",
+    "Dense",
+    "FlexPrefill",
+    "Method",
+    "Oracle",
+    "Streaming",
+    "VerticalSlash",
+    "XAttention",
+    "method_from_spec",
+]

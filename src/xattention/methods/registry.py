@@ -7,11 +7,15 @@ from typing import Any
 
 from .base import Method
 from .dense import Dense
+from .flexprefill import FlexPrefill
+from .oracle import Oracle
+from .streaming import Streaming
+from .vertical_slash import VerticalSlash
 from .xattention import XAttention
 
 __all__ = ["METHODS", "method_from_spec"]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, XAttention)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, XAttention, Streaming, VerticalSlash, FlexPrefill, Oracle)}
 
 
 def _parse_value(text: str) -> Any:

@@ -1,0 +1,192 @@
+"""FlexPrefill as a block-sparse method (Lai et al., 2025, "FlexPrefill: A Context-Aware Sparse Attention Mechanism for
+Efficient Long-Sequence Inference", ICLR 2025, arXiv:2502.20766)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .._validation import check_qkv
+from ..block_mask import BlockMask, causal_block_bounds
+from ..kernels import resolve_backend
+from ..kernels.reference import forced_blocks
+from .base import Method
+from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
+
+__all__ = ["FlexPrefill", "block_mean"]
+
+
+def block_mean(x: Tensor, block_size: int) -> Tensor:
+    """float32 ``[..., ceil(L/b), D]``: the mean of ``x`` ``[..., L, D]`` over each block of ``b`` rows (a partial last
+    block averages only its real rows). Accumulates in float32 without a float32 copy of ``x``."""
+    length = x.shape[-2]
+    full = length // block_size
+    parts = []
+    if full:
+        parts.append(x[..., : full * block_size, :].unflatten(-2, (full, block_size)).sum(dim=-2, dtype=torch.float32))
+        parts[-1] /= block_size
+    if length % block_size:
+        parts.append(x[..., full * block_size :, :].sum(dim=-2, keepdim=True, dtype=torch.float32) / (length % block_size))
+    return torch.cat(parts, dim=-2)
+
+
+def _visible(q_len: int, k_len: int, block_size: int, causal: bool, device: torch.device) -> Tensor:
+    _, hi = causal_block_bounds(q_len, k_len, block_size, device)
+    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
+    return cols <= hi[:, None] if causal else torch.ones(hi.numel(), cols.numel(), dtype=torch.bool, device=device)
+
+
+def _sqrt_js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """``sqrt(JSD(p || q))`` (natural log, so in ``[0, sqrt(ln 2)]``) over the last dim; zero entries contribute 0."""
+    m = (p + q) / 2
+    kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(dim=-1)
+    kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(dim=-1)
+    return (0.5 * kl_pm + 0.5 * kl_qm).clamp_min(0).sqrt()
+
+
+def _select_global(scores: Tensor, forced: Tensor, visible: Tensor, gamma: float) -> Tensor:
+    """Cumulative selection over a head's whole block matrix ``[B, H, Qb, Kb]``: forced blocks first, then descending
+    score (ties: lower flat index) while the kept score is below ``gamma x`` the head's total; zero scores never."""
+    bsz, h, qb, kb = scores.shape
+    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64).reshape(bsz, h, qb * kb)
+    f = forced.reshape(1, 1, qb * kb)
+    order = torch.sort(torch.where(f, float("inf"), s), dim=-1, descending=True, stable=True).indices
+    sorted_s = torch.gather(s, -1, order)
+    before = torch.cumsum(sorted_s, dim=-1) - sorted_s
+    total = s.sum(dim=-1, keepdim=True)
+    keep_sorted = ((before < gamma * total) | (gamma >= 1.0)) & (sorted_s > 0)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(bsz, h, qb, kb)
+    return (keep | forced) & visible
+
+
+def _top_up(mask: Tensor, scores: Tensor, visible: Tensor, min_blocks: int) -> Tensor:
+    """Add each row's highest-scoring unkept visible blocks until it keeps ``min(min_blocks, visible)`` blocks."""
+    if min_blocks <= 0:
+        return mask
+    kept = (mask & visible).sum(dim=-1, keepdim=True)
+    need = (min_blocks - kept).clamp_min(0)
+    candidate = torch.where(mask | ~visible, float("-inf"), scores.to(torch.float64))
+    order = torch.sort(candidate, dim=-1, descending=True, stable=True).indices
+    rank = torch.arange(mask.shape[-1], device=mask.device)
+    add_sorted = (rank < need) & (torch.gather(candidate, -1, order) > float("-inf"))
+    return mask | torch.zeros_like(add_sorted).scatter_(-1, order, add_sorted)
+
+
+@dataclass(kw_only=True, eq=False)
+class FlexPrefill(Method):
+    """FlexPrefill: per head, a Jensen-Shannon test picks a query-aware block pattern or a vertical-slash pattern, each
+    sized by cumulative attention (arXiv:2502.20766, Sec. 3, "Query-Aware Sparse Pattern Determination" and
+    "Cumulative-Attention Based Index Selection", and the algorithms there).
+
+    Per (batch, head), with ``Q̂`` the last ``b`` queries (the last query block) and ``b`` the block size:
+
+    1. Pattern test. Estimated distribution ``â = softmax(avgpool(Q̂) · avgpool(K)ᵀ · scale)`` over key blocks (one
+       pooled query, every key block; a partial last key block is averaged over its real keys). True distribution
+       ``ā``: the exact softmax of ``Q̂`` against all keys (causal, float32), summed inside each key block and averaged
+       over the queries of ``Q̂``. ``d = sqrt(JSD(â, ā))`` (natural log). ``d < tau`` -> query-aware head, else
+       vertical-slash head. :meth:`head_patterns` exposes the decision, :meth:`pattern_divergence` the values.
+    2. Query-aware head. Pooled block attention ``softmax(avgpool(Q)_r · avgpool(K)_cᵀ · scale)`` for every query block
+       ``r``, causal at block level (columns up to the row's diagonal block). As in the paper's query-aware index search
+       (and its code), the blocks are chosen over the head's whole normalised block matrix, not per row: the fewest
+       blocks, in descending score, whose scores reach ``gamma x`` the total (``Qb``, one per row).
+    3. Vertical-slash head. The vertical (per key column) and slash (per offset) sums of ``Q̂``'s exact attention; the
+       fewest columns holding ``gamma`` of the vertical mass and the fewest slash lines holding ``gamma`` of the slash
+       mass; then their block-granular cover (see :class:`~xattention.methods.vertical_slash.VerticalSlash`: a block is
+       kept if it contains a kept column or a kept slash passes through it). The paper's kernel works on blocks too; its
+       code approximates each slash by a whole block diagonal, the cover here is exact.
+    4. Every head keeps the sink and diagonal blocks (counted first in the query-aware mass, as everywhere in this
+       library), and every row then keeps at least ``min(min_budget, visible)`` blocks: rows below the budget add
+       their highest-scoring remaining blocks (pooled score for query-aware heads; for vertical-slash heads the
+       estimated mass of the lines through the block). The paper's code states ``min_budget`` in tokens (its default
+       512, i.e. 4 blocks of 128) and applies it to the line counts; here it is blocks per row.
+
+    Attributes:
+        gamma: cumulative attention threshold ``γ`` in ``(0, 1]`` (default 0.9, the paper's).
+        tau: Jensen-Shannon threshold ``τ`` in ``[0, 1]`` (default 0.1, the paper's); ``0`` makes every head
+            vertical-slash, anything above ``sqrt(ln 2) ≈ 0.833`` makes every head query-aware.
+        min_budget: minimum kept blocks per row (default 4).
+    """
+
+    name: ClassVar[str] = "flexprefill"
+
+    gamma: float = 0.9
+    tau: float = 0.1
+    min_budget: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 < float(self.gamma) <= 1.0:
+            raise ValueError(f"gamma must be a float in (0, 1], got {self.gamma!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0.0 <= float(self.tau) <= 1.0:
+            raise ValueError(f"tau must be a float in [0, 1], got {self.tau!r}")
+        if isinstance(self.min_budget, bool) or not isinstance(self.min_budget, int) or self.min_budget < 0:
+            raise ValueError(f"min_budget must be a non-negative int (blocks per row), got {self.min_budget!r}")
+
+    def _divergence(self, q: Tensor, k: Tensor, vertical: Tensor, scale: float | None) -> Tensor:
+        """sqrt-JSD ``[B, Hq]`` from the last block's vertical sums ``[B, Hq, Lk]``."""
+        bsz, hq, lq, d = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        b = self.block_size
+        t = min(b, lq)
+        kb = -(-lk // b)
+        factor = scale if scale is not None else 1.0 / math.sqrt(d)
+        true = torch.nn.functional.pad(vertical, (0, kb * b - lk)).view(bsz, hq, kb, b).sum(dim=-1) / t
+        q_pool = q[:, :, lq - t :].sum(dim=-2, dtype=torch.float32).view(bsz, hkv, hq // hkv, d) / t
+        k_pool = block_mean(k, b)  # [B, Hkv, Kb, D]
+        estimate = torch.softmax(torch.einsum("bhgd,bhcd->bhgc", q_pool, k_pool) * factor, dim=-1).view(bsz, hq, kb)
+        return _sqrt_js_divergence(estimate, true)
+
+    def pattern_divergence(self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+        """float32 ``[B, Hq]``: ``sqrt(JSD)`` between the pooled estimate and the true last-block distribution."""
+        check_qkv(q, k)
+        vertical, _ = last_queries_line_sums(q, k, last_q=self.block_size, causal=causal, scale=scale)
+        return self._divergence(q, k, vertical, scale)
+
+    def head_patterns(self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+        """bool ``[B, Hq]``: ``True`` where the head is query-aware (``pattern_divergence < tau``), ``False`` where it
+        uses the vertical-slash pattern."""
+        return self.pattern_divergence(q, k, causal=causal, scale=scale) < self.tau
+
+    def pooled_block_attention(self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
+        """float32 ``[B, Hq, Qb, Kb]``: softmax of pooled queries against pooled keys, causal at block level (each
+        row's columns after its last diagonal block get zero)."""
+        bsz, hq, hkv, lq, lk, d = check_qkv(q, k)
+        b = self.block_size
+        factor = scale if scale is not None else 1.0 / math.sqrt(d)
+        q_pool = block_mean(q, b).view(bsz, hkv, hq // hkv, -1, d)
+        k_pool = block_mean(k, b)
+        logits = torch.einsum("bhgrd,bhcd->bhgrc", q_pool, k_pool).reshape(bsz, hq, q_pool.shape[-2], -1) * factor
+        visible = _visible(lq, lk, b, causal, q.device)
+        return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+
+    def estimate(
+        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+    ) -> BlockMask:
+        """FlexPrefill blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
+
+        Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
+        _, _, _, lq, lk, _ = check_qkv(q, k)
+        resolve_backend(backend, q.device)
+        b, gamma = self.block_size, float(self.gamma)
+        visible = _visible(lq, lk, b, causal, q.device)
+        forced = forced_blocks(lq, lk, b, q.device) & visible
+
+        vertical, slash = last_queries_line_sums(q, k, last_q=b, causal=causal, scale=scale)
+        query_aware = (self._divergence(q, k, vertical, scale) < self.tau)[..., None, None]
+
+        v_keep = keep_top_lines(vertical, threshold=gamma)
+        s_keep = keep_top_lines(slash, threshold=gamma)
+        vs_mask = ((line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0) | forced) & visible
+        vs_scores = line_block_sums(vertical, slash, q_len=lq, k_len=lk, block_size=b)
+
+        qa_scores = self.pooled_block_attention(q, k, causal=causal, scale=scale)
+        qa_mask = _select_global(qa_scores, forced, visible, gamma)
+
+        mask = torch.where(query_aware, qa_mask, vs_mask)
+        scores = torch.where(query_aware, qa_scores.to(torch.float64), vs_scores)
+        mask = _top_up(mask, scores, visible, self.min_budget)
+        return BlockMask(mask.contiguous(), b, lq, lk, causal)

@@ -1,0 +1,56 @@
+"""The oracle: block selection from the exact attention, the ceiling every estimator is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from .._validation import check_qkv
+from ..block_mask import BlockMask
+from ..kernels import resolve_backend
+from ..kernels.reference import select_blocks, true_block_scores
+from .base import Method
+
+__all__ = ["Oracle"]
+
+
+@dataclass(kw_only=True, eq=False)
+class Oracle(Method):
+    """Keeps, per row, the fewest blocks that hold ``threshold`` of the *true* attention mass.
+
+    Scores are the exact softmax mass per block (:func:`~xattention.kernels.reference.true_block_scores`: float32,
+    computed in chunks of query rows, never an ``Lq x Lk`` matrix at once), selected with the same rule as XAttention
+    (:func:`~xattention.kernels.reference.select_blocks`: sink and diagonal blocks forced and counted first, then
+    descending mass until ``threshold x`` the row's mass). ``Oracle(threshold=1.0)`` keeps every block with non-zero
+    mass, i.e. every visible block for generic inputs. It costs a full attention pass, so it is a measuring stick
+    (mass kept vs density), not a speed-up.
+
+    Attributes:
+        threshold: mass fraction ``τ`` in ``(0, 1]`` (default 0.9).
+    """
+
+    name: ClassVar[str] = "oracle"
+
+    threshold: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise ValueError(f"threshold must be a float in (0, 1], got {self.threshold!r}")
+        if not 0.0 < float(self.threshold) <= 1.0:
+            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+
+    def estimate(
+        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+    ) -> BlockMask:
+        """Oracle blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
+
+        Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
+        _, _, _, lq, lk, _ = check_qkv(q, k)
+        resolve_backend(backend, q.device)
+        b = self.block_size
+        scores = true_block_scores(q, k, block_size=b, causal=causal, scale=scale)
+        mask = select_blocks(scores, float(self.threshold), q_len=lq, k_len=lk, block_size=b, causal=causal)
+        return BlockMask(mask, b, lq, lk, causal)

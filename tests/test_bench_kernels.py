@@ -53,3 +53,24 @@ def test_table_and_plot(tmp_path) -> None:
     assert "| 8192 | 8 | True |" in table
     bench.plot(record, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_split_method_specs() -> None:
+    from xattention.methods.registry import split_method_specs
+
+    assert split_method_specs("dense, xattention:stride=8,threshold=0.9,streaming,oracle:threshold=0.8") == [
+        "dense",
+        "xattention:stride=8,threshold=0.9",
+        "streaming",
+        "oracle:threshold=0.8",
+    ]
+    with pytest.raises(ValueError, match="no method"):
+        split_method_specs(" , ")
+
+
+def test_methods_table() -> None:
+    from xattention.benchmarks.methods import format_table
+
+    row = {"length": 32768, "method": "streaming", "density": 0.1, "mass_kept": 0.8, "estimate_ms": 0.1,
+           "attend_ms": 1.0, "end_to_end_ms": 1.1, "speedup_vs_cudnn": 9.0}  # fmt: skip
+    assert "| 32768 | streaming | 0.100 | 0.800 | 0.10 | 1.00 | 1.10 | 9.00x |" in format_table({"rows": [row]})

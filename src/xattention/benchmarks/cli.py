@@ -9,6 +9,7 @@ __all__ = ["add_arguments", "main"]
 
 BENCHMARKS = {
     "kernels": ("xattention.benchmarks.kernels", "dense vs sparse kernels, selection, end to end (GPU)"),
+    "methods": ("xattention.benchmarks.methods", "every method: selection time, density, mass kept, end to end (GPU)"),
     "context-parallel": ("xattention.benchmarks.context_parallel", "ring sparse prefill over N ranks (torchrun)"),
 }
 

@@ -13,7 +13,7 @@ from .streaming import Streaming
 from .vertical_slash import VerticalSlash
 from .xattention import XAttention
 
-__all__ = ["METHODS", "method_from_spec"]
+__all__ = ["METHODS", "method_from_spec", "split_method_specs"]
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, XAttention, Streaming, VerticalSlash, FlexPrefill, Oracle)}
 
@@ -52,3 +52,21 @@ def method_from_spec(spec: str, **defaults: Any) -> Method:
             raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(sorted(allowed))}")
         kwargs[key] = _parse_value(value.strip())
     return cls(**kwargs)
+
+
+def split_method_specs(text: str) -> list[str]:
+    """Split a command-line list such as ``"dense,xattention:stride=8,threshold=0.9,streaming"`` into specs.
+
+    A comma starts a new spec unless what follows is a ``key=value`` of the current one (it has ``=`` and no ``:``).
+    """
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if specs and "=" in part and ":" not in part and ":" in specs[-1]:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    if not specs:
+        raise ValueError(f"no method given in {text!r}")
+    return specs

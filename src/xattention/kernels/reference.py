@@ -67,7 +67,8 @@ def antidiagonal_block_scores(
     r = b // s
     qb, kb = -(-lq // b), -(-lk // b)
     qt = _pad_len(q.float(), qb * b).view(bsz, hkv, g, qb * r, s, d).flip(-2).reshape(bsz, hkv, g, qb * r, s * d)
-    kt = _pad_len(k.float(), kb * b).view(bsz, hkv, kb * r, s * d)
+    # reshape, not view: merging (S, D) needs a copy when k is a transposed [B, L, H, D] tensor (as HF passes it)
+    kt = _pad_len(k.float(), kb * b).reshape(bsz, hkv, kb * r, s * d)
     factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / s
 
     u = torch.arange(kb * r, device=q.device)
@@ -213,3 +214,223 @@ def block_sparse_attention(
         denom = probs.sum(dim=-1, keepdim=True)
         out[:, :, :, q0:q1] = torch.einsum("bhgtu,bhud->bhgtd", probs, vf) / torch.where(denom > 0, denom, 1.0)
     return out.view(bsz, hq, lq, d).to(q.dtype)
+
+
+# --- Pieces shared with context parallelism (xattention.distributed) -------------------------------------------------
+# Antidiagonal scoring split into "statistics against one key shard" + "merge": the single-device scores are the
+# one-shard case (m, s = antidiagonal_partial_scores(q, k); M, Z = merge_partial_row_stats([m], [s.sum(-1)]);
+# partial_block_scores(s, m, M, Z) == antidiagonal_block_scores(q, k); tests/test_distributed.py checks it), so
+# `antidiagonal_block_scores` could be rewritten on top of these, as could `select_blocks` on `select_blocks_masked` +
+# `block_rows_geometry` and `block_sparse_attention` on `block_sparse_attention_lse`.
+
+__all__ += [
+    "antidiagonal_partial_scores",
+    "block_rows_geometry",
+    "block_sparse_attention_lse",
+    "merge_partial_row_stats",
+    "partial_block_scores",
+    "select_blocks_masked",
+]
+
+
+def _check_shard(name: str, start: int, length: int, total: int, block_size: int) -> None:
+    if start < 0 or start % block_size != 0:
+        raise ValueError(f"{name}_start must be a non-negative multiple of block_size ({block_size}), got {start}")
+    if start + length > total:
+        raise ValueError(f"{name} shard [{start}, {start + length}) runs past {name}_len={total}")
+    if length % block_size != 0 and start + length != total:
+        raise ValueError(
+            f"{name} shard [{start}, {start + length}) ends inside a block: only the shard at the end may be partial"
+        )
+
+
+def antidiagonal_partial_scores(
+    q: Tensor,
+    k: Tensor,
+    *,
+    stride: int,
+    block_size: int,
+    q_start: int = 0,
+    k_start: int = 0,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    row_max: Tensor | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """Online-softmax statistics of XAttention's reshaped rows against one shard of the keys.
+
+    ``q`` holds queries ``q_start … q_start+Lq_s-1`` of a problem with ``q_len`` queries and ``k`` keys
+    ``k_start … k_start+Lk_s-1`` of ``k_len`` keys (queries aligned to the end of the keys, as everywhere). Shards start
+    on block boundaries; only a shard that ends the sequence may end inside a block. With reshaped scores
+    ``x[t, u] = q~[t] . k~[u] * scale / S`` masked exactly as in :func:`antidiagonal_block_scores` (causal at the reshaped
+    resolution, padding keys and padding query rows excluded), returns
+
+    * ``row_max`` float32 ``[B, Hq, Tq]`` (``Tq = ceil(Lq_s / b) * b / S``): ``max_u x[t, u]`` over this shard's visible
+      reshaped keys, ``-inf`` where none is visible; or the ``row_max`` passed in (a global max, second pass);
+    * ``sums`` float32 ``[B, Hq, Tq, Kb_s]`` (``Kb_s = ceil(Lk_s / b)``): ``sum_{u in key block c} exp(x[t, u] - row_max[t])``.
+
+    ``sum(sums, -1)`` is the shard's partial softmax denominator. Merge shards with :func:`merge_partial_row_stats`
+    and turn each shard's sums into block scores with :func:`partial_block_scores`; one shard holding every key gives
+    exactly :func:`antidiagonal_block_scores`. Memory: ``sums`` is ``b / S`` times smaller than the reshaped score
+    matrix; at most ``chunk_elements`` scores exist at once.
+    """
+    bsz, hq, lq_s, d = q.shape
+    hkv, lk_s = k.shape[1], k.shape[2]
+    g, s, b = hq // hkv, stride, block_size
+    if b % s != 0:
+        raise ValueError(f"block_size ({b}) must be a multiple of stride ({s})")
+    r = b // s
+    q_len = q_start + lq_s if q_len is None else q_len
+    k_len = k_start + lk_s if k_len is None else k_len
+    _check_shard("q", q_start, lq_s, q_len, b)
+    _check_shard("k", k_start, lk_s, k_len, b)
+    qb, kb = -(-lq_s // b), -(-lk_s // b)
+    qt = _pad_len(q.float(), qb * b).reshape(bsz, hkv, g, qb * r, s, d).flip(-2).reshape(bsz, hkv, g, qb * r, s * d)
+    kt = _pad_len(k.float(), kb * b).reshape(bsz, hkv, kb * r, s * d)
+    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / s
+
+    u = k_start // s + torch.arange(kb * r, device=q.device)
+    key_ok = u * s < k_len
+    given = None if row_max is None else row_max.float().reshape(bsz, hkv, g, qb * r)
+    maxes = torch.empty(bsz, hkv, g, qb * r, dtype=torch.float32, device=q.device)
+    sums = torch.empty(bsz, hkv, g, qb * r, kb, dtype=torch.float32, device=q.device)
+    step = _rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements)
+    for r0 in range(0, qb, step):
+        r1 = min(qb, r0 + step)
+        t = q_start // s + torch.arange(r0 * r, r1 * r, device=q.device)
+        scores = torch.einsum("bhgtx,bhux->bhgtu", qt[:, :, :, r0 * r : r1 * r], kt) * factor
+        allowed = key_ok[None, :] & (t * s < q_len)[:, None]  # padding query rows carry no mass
+        if causal:
+            allowed = allowed & (u[None, :] * s <= (k_len - q_len) + t[:, None] * s + s - 1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        m = scores.amax(dim=-1) if given is None else given[:, :, :, r0 * r : r1 * r]
+        shift = torch.where(torch.isfinite(m), m, 0.0)  # a row with no visible key: exp(-inf - 0) = 0, not NaN
+        e = torch.exp(scores - shift[..., None])
+        sums[:, :, :, r0 * r : r1 * r] = e.view(bsz, hkv, g, (r1 - r0) * r, kb, r).sum(dim=-1)
+        maxes[:, :, :, r0 * r : r1 * r] = m
+    return maxes.view(bsz, hq, qb * r), sums.view(bsz, hq, qb * r, kb)
+
+
+def merge_partial_row_stats(row_maxes: list[Tensor], row_sums: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Merge per-shard softmax statistics (Milakov & Gimelshein, 2018, "Online normalizer calculation for softmax").
+
+    Args:
+        row_maxes, row_sums: per shard, float32 ``[..., T]`` maxima (``-inf`` for none) and sums of ``exp(x - max)``.
+    Returns:
+        ``(M, Z)``: the global max ``M = max_j m_j`` and denominator ``Z = sum_j s_j exp(m_j - M)``, float32 ``[..., T]``.
+    """
+    if not row_maxes or len(row_maxes) != len(row_sums):
+        raise ValueError(f"need one row_sums per row_maxes, got {len(row_maxes)} and {len(row_sums)}")
+    total_max = torch.stack(list(row_maxes)).amax(dim=0)
+    shift = torch.where(torch.isfinite(total_max), total_max, 0.0)
+    total_sum = torch.zeros_like(total_max)
+    for m, s in zip(row_maxes, row_sums, strict=True):
+        total_sum = total_sum + s * torch.exp(m - shift)
+    return total_max, total_sum
+
+
+def partial_block_scores(sums: Tensor, row_max: Tensor, total_max: Tensor, total_sum: Tensor, *, rows_per_block: int) -> Tensor:
+    """One shard's columns of the XAttention block scores from its :func:`antidiagonal_partial_scores` output.
+
+    Args:
+        sums: float32 ``[B, Hq, Tq, Kb_s]``, relative to ``row_max`` ``[B, Hq, Tq]``.
+        total_max, total_sum: the merged statistics ``[B, Hq, Tq]`` of :func:`merge_partial_row_stats`.
+        rows_per_block: ``b / S`` reshaped rows per query block.
+    Returns:
+        float32 ``[B, Hq, Tq / (b/S), Kb_s]``: each block's softmax mass, summed over its reshaped rows.
+    """
+    shift = torch.where(torch.isfinite(total_max), total_max, 0.0)
+    weight = torch.exp(row_max - shift) / torch.where(total_sum > 0, total_sum, 1.0)
+    weight = torch.where(total_sum > 0, weight, 0.0)
+    bsz, hq, tq, kb = sums.shape
+    return (sums * weight[..., None]).view(bsz, hq, tq // rows_per_block, rows_per_block, kb).sum(dim=3)
+
+
+def block_rows_geometry(
+    q_len: int,
+    k_len: int,
+    block_size: int,
+    rows: Tensor | None = None,
+    *,
+    causal: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(forced, visible)``, bool ``[R, Kb]``, for query-block rows ``rows`` (default: all ``Qb``) of a problem.
+
+    ``forced`` is :func:`forced_blocks` (sink and diagonal blocks), ``visible`` the blocks a row may keep (all when not
+    causal, else those up to its last diagonal block).
+    """
+    lo, hi = causal_block_bounds(q_len, k_len, block_size, device)
+    if rows is not None:
+        lo, hi = lo[rows], hi[rows]
+    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
+    forced = (cols == 0) | ((cols >= lo[:, None]) & (cols <= hi[:, None]))
+    visible = cols <= hi[:, None] if causal else torch.ones_like(forced)
+    return forced, visible
+
+
+def select_blocks_masked(scores: Tensor, threshold: float | Tensor, *, forced: Tensor, visible: Tensor) -> Tensor:
+    """:func:`select_blocks` with the row geometry given: ``forced`` / ``visible`` bool, broadcastable to ``scores``.
+
+    Lets a caller select any subset of rows (a rank's query blocks) with :func:`block_rows_geometry`.
+    """
+    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64)
+    thr = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
+    thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
+    order = torch.sort(torch.where(forced, float("inf"), s), dim=-1, descending=True, stable=True).indices
+    sorted_s = torch.gather(s, -1, order)
+    before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this block
+    total = s.sum(dim=-1, keepdim=True)
+    keep_sorted = ((before < thr * total) | (thr >= 1.0)) & (sorted_s > 0)
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return (keep | forced) & visible
+
+
+def block_sparse_attention_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    *,
+    block_size: int,
+    causal: bool = True,
+    scale: float | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`block_sparse_attention` that also returns each query's log-sum-exp, for merging partial results.
+
+    Returns:
+        ``(out, lse)``: ``[B, Hq, Lq, D]`` in q's dtype and float32 ``[B, Hq, Lq]`` = ``log sum_j exp(scale q.k_j)`` over
+        the visible kept keys (natural log; ``-inf`` and a zero output for a query that sees no key), as the Triton
+        kernel's ``return_lse=True``.
+    """
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g, b = hq // hkv, block_size
+    qb = mask.shape[2]
+    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    qf = q.float().reshape(bsz, hkv, g, lq, d)
+    kf, vf = k.float(), v.float()
+    mask = mask.reshape(bsz, hkv, g, qb, mask.shape[3])
+    k_pos = torch.arange(lk, device=q.device)
+    out = torch.empty(bsz, hkv, g, lq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(bsz, hkv, g, lq, dtype=torch.float32, device=q.device)
+    step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
+    for r0 in range(0, qb, step):
+        r1 = min(qb, r0 + step)
+        q0, q1 = r0 * b, min(lq, r1 * b)
+        scores = torch.einsum("bhgtd,bhud->bhgtu", qf[:, :, :, q0:q1], kf) * factor
+        visible = mask[:, :, :, r0:r1].repeat_interleave(b, dim=3)[:, :, :, : q1 - q0]
+        visible = visible.repeat_interleave(b, dim=4)[..., :lk]
+        if causal:
+            rows = torch.arange(q0, q1, device=q.device)
+            visible = visible & (k_pos[None, :] <= (lk - lq) + rows[:, None])
+        scores = scores.masked_fill(~visible, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        probs = torch.exp(scores - row_max)
+        denom = probs.sum(dim=-1, keepdim=True)
+        out[:, :, :, q0:q1] = torch.einsum("bhgtu,bhud->bhgtd", probs, vf) / torch.where(denom > 0, denom, 1.0)
+        lse[:, :, :, q0:q1] = torch.where(denom > 0, row_max + torch.log(denom), float("-inf")).squeeze(-1)
+    return out.view(bsz, hq, lq, d).to(q.dtype), lse.view(bsz, hq, lq)

@@ -36,12 +36,12 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["len_bucket", "S", "D", "R", "CAUSAL", "G"])
+@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G"])
 @triton.jit
 def _antidiagonal_scores_fwd(
     Q, K, Partial, TileMax, Out,
     sqb, sqh, sql, skb, skh, skl,
-    scale_log2, q_len, k_len, num_heads, head_offset, num_rows, num_cols, num_k_blocks, num_tiles, len_bucket,
+    scale_log2, q_len, k_len, num_heads, head_offset, num_rows, num_cols, num_k_blocks, num_tiles,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, CAUSAL: tl.constexpr,
 ):  # fmt: skip
@@ -172,7 +172,7 @@ def antidiagonal_block_scores(
         _antidiagonal_scores_fwd[grid](
             q, k, partial, tile_max, scores,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            factor, lq, lk, nh, h0, num_rows, kb * r, kb, num_tiles, triton.next_power_of_2(lk),  # retune per length
+            factor, lq, lk, nh, h0, num_rows, kb * r, kb, num_tiles,
             G=hq // hkv, S=stride, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), R=r, CAUSAL=causal,
         )  # fmt: skip
         if nh != hq:

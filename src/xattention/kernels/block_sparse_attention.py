@@ -28,12 +28,12 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["len_bucket", "BLOCK", "BLOCK_D", "CAUSAL", "G", "USE_TMA"])
+@triton.autotune(configs=_configs(), key=["BLOCK", "BLOCK_D", "CAUSAL", "G", "USE_TMA"])
 @triton.jit
 def _block_sparse_attention_fwd(
     Q, K, V, KDesc, VDesc, Out, Lse, Idx, Cnt, NFull,
     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-    scale_log2, q_len, k_len, num_heads, num_q_blocks, num_k_blocks, len_bucket,
+    scale_log2, q_len, k_len, num_heads, num_q_blocks, num_k_blocks,
     G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
@@ -224,7 +224,7 @@ def block_sparse_attention(
         q, k, v, k_desc, v_desc, out, lse, indices, counts, n_full,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        factor, lq, lk, hq, qb, kb, triton.next_power_of_2(lk),  # retune per power-of-two length
+        factor, lq, lk, hq, qb, kb,
         G=hq // hkv, D=d, BLOCK=block_size, BLOCK_D=block_d,
         CAUSAL=causal, STORE_LSE=return_lse, USE_TMA=use_tma,
     )  # fmt: skip

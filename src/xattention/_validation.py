@@ -35,7 +35,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, int, 
         raise ValueError(f"head-dim mismatch: q has D={d}, k has D={dk}")
     if v is not None and tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv != 0:
+    if hkv == 0 or hq == 0 or hq % hkv != 0:
         raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if lq == 0 or lk == 0:
         raise ValueError(f"sequence lengths must be positive, got Lq={lq}, Lk={lk}")

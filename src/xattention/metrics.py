@@ -22,5 +22,7 @@ def attention_mass_kept(q: Tensor, k: Tensor, mask: BlockMask, *, scale: float |
     _, _, _, lq, lk, _ = check_qkv(q, k)
     if mask.q_len != lq or mask.k_len != lk or mask.shape[:2] != (q.shape[0], q.shape[1]):
         raise ValueError(f"BlockMask {mask.shape} (q_len={mask.q_len}, k_len={mask.k_len}) does not fit q/k")
+    if mask.mask.device != q.device:
+        raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")
     true = true_block_scores(q, k, block_size=mask.block_size, causal=mask.causal, scale=scale)
     return (true * mask.mask.to(true.dtype)).sum(dim=(-1, -2)) / lq

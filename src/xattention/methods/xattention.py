@@ -59,12 +59,16 @@ class XAttention(Method):
             raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
 
     def head_thresholds(self, num_heads: int, device: torch.device) -> Tensor:
-        """float32 ``[Hq]`` thresholds, checking a per-head tensor's length against ``num_heads``."""
+        """float64 ``[Hq]`` thresholds, checking a per-head tensor's length against ``num_heads``.
+
+        float64 because the reference selection compares float64 running sums with ``tau x total``: a float32 ``0.9``
+        (0.89999998) would move the cut-off.
+        """
         if isinstance(self.threshold, Tensor):
             if self.threshold.numel() != num_heads:
                 raise ValueError(f"per-head threshold has {self.threshold.numel()} entries but q has {num_heads} heads")
-            return self.threshold.to(device=device, dtype=torch.float32)
-        return torch.full((num_heads,), float(self.threshold), device=device)
+            return self.threshold.to(device=device, dtype=torch.float64)
+        return torch.full((num_heads,), float(self.threshold), device=device, dtype=torch.float64)
 
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"

@@ -91,9 +91,7 @@ def antidiagonal_block_scores(
 def forced_blocks(q_len: int, k_len: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
     """bool ``[Qb, Kb]``: blocks every row keeps regardless of score — the sink (column 0) and the diagonal blocks
     (those holding the row's own query positions; two when ``k_len - q_len`` is not a multiple of ``block_size``)."""
-    lo, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
-    return (cols == 0) | ((cols >= lo[:, None]) & (cols <= hi[:, None]))
+    return block_rows_geometry(q_len, k_len, block_size, device=device)[0]
 
 
 def select_blocks(
@@ -117,22 +115,8 @@ def select_blocks(
     Returns:
         bool ``[B, Hq, Qb, Kb]``.
     """
-    device = scores.device
-    forced = forced_blocks(q_len, k_len, block_size, device)
-    _, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    cols = torch.arange(scores.shape[-1], device=device)
-    visible = cols[None, :] <= hi[:, None] if causal else torch.ones_like(forced)
-    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64)
-    thr = torch.as_tensor(threshold, dtype=torch.float64, device=device)
-    thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
-
-    order = torch.sort(torch.where(forced, float("inf"), s), dim=-1, descending=True, stable=True).indices
-    sorted_s = torch.gather(s, -1, order)
-    before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this block
-    total = s.sum(dim=-1, keepdim=True)
-    keep_sorted = ((before < thr * total) | (thr >= 1.0)) & (sorted_s > 0)
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return (keep | forced) & visible
+    forced, visible = block_rows_geometry(q_len, k_len, block_size, causal=causal, device=scores.device)
+    return select_blocks_masked(scores, threshold, forced=forced, visible=visible)
 
 
 def true_block_scores(
@@ -188,49 +172,9 @@ def block_sparse_attention(
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype, computed in float32. A query that sees no key gets zeros.
     """
-    bsz, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    g, b = hq // hkv, block_size
-    qb = mask.shape[2]
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
-    qf = q.float().view(bsz, hkv, g, lq, d)
-    kf, vf = k.float(), v.float()
-    mask = mask.view(bsz, hkv, g, qb, mask.shape[3])
-    k_pos = torch.arange(lk, device=q.device)
-    out = torch.empty(bsz, hkv, g, lq, d, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
-    for r0 in range(0, qb, step):
-        r1 = min(qb, r0 + step)
-        q0, q1 = r0 * b, min(lq, r1 * b)
-        scores = torch.einsum("bhgtd,bhud->bhgtu", qf[:, :, :, q0:q1], kf) * factor
-        visible = mask[:, :, :, r0:r1].repeat_interleave(b, dim=3)[:, :, :, : q1 - q0]
-        visible = visible.repeat_interleave(b, dim=4)[..., :lk]
-        if causal:
-            rows = torch.arange(q0, q1, device=q.device)
-            visible = visible & (k_pos[None, :] <= (lk - lq) + rows[:, None])
-        scores = scores.masked_fill(~visible, float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
-        probs = torch.exp(scores - row_max)
-        denom = probs.sum(dim=-1, keepdim=True)
-        out[:, :, :, q0:q1] = torch.einsum("bhgtu,bhud->bhgtd", probs, vf) / torch.where(denom > 0, denom, 1.0)
-    return out.view(bsz, hq, lq, d).to(q.dtype)
-
-
-# --- Pieces shared with context parallelism (xattention.distributed) -------------------------------------------------
-# Antidiagonal scoring split into "statistics against one key shard" + "merge": the single-device scores are the
-# one-shard case (m, s = antidiagonal_partial_scores(q, k); M, Z = merge_partial_row_stats([m], [s.sum(-1)]);
-# partial_block_scores(s, m, M, Z) == antidiagonal_block_scores(q, k); tests/test_distributed.py checks it), so
-# `antidiagonal_block_scores` could be rewritten on top of these, as could `select_blocks` on `select_blocks_masked` +
-# `block_rows_geometry` and `block_sparse_attention` on `block_sparse_attention_lse`.
-
-__all__ += [
-    "antidiagonal_partial_scores",
-    "block_rows_geometry",
-    "block_sparse_attention_lse",
-    "merge_partial_row_stats",
-    "partial_block_scores",
-    "select_blocks_masked",
-]
+    return block_sparse_attention_lse(
+        q, k, v, mask, block_size=block_size, causal=causal, scale=scale, chunk_elements=chunk_elements
+    )[0]
 
 
 def _check_shard(name: str, start: int, length: int, total: int, block_size: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
+from .integrations.hf import apply, register, remove  # transformers is imported inside these functions only
 from .methods import (
     DEFAULT_MIN_SEQ_LEN,
     METHODS,
@@ -26,6 +27,7 @@ from .methods import (
     method_from_spec,
 )
 from .metrics import attention_mass_kept
+from .thresholds import load_thresholds, save_thresholds
 
 __version__ = "0.1.0"
 
@@ -41,9 +43,14 @@ __all__ = [
     "VerticalSlash",
     "XAttention",
     "__version__",
+    "apply",
     "attention_mass_kept",
     "block_sparse_attention",
     "dense_attention",
+    "load_thresholds",
     "method_from_spec",
+    "register",
+    "remove",
+    "save_thresholds",
     "sparse_attention",
 ]

@@ -1,1 +1,1 @@
-"""integrations."""
+"""Integrations with model libraries. :mod:`.hf`: Hugging Face transformers (``xattention.apply`` / ``remove``)."""

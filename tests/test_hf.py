@@ -1,0 +1,286 @@
+"""Hugging Face integration on tiny random models (no download): dense equivalence at tau = 1, the sparse path really
+runs at low tau, decode stays dense, remove() restores SDPA exactly, padding, per-layer control, thresholds, errors."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import xattention as xa
+from xattention.integrations.hf import capture_qk, collected_stats, reset_stats
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 300  # 10 blocks of 32 (the last one ragged)
+BLOCK, STRIDE = 32, 4
+VOCAB = 128
+
+
+def xatt(threshold: float, **kw) -> xa.XAttention:
+    return xa.XAttention(block_size=BLOCK, stride=STRIDE, threshold=threshold, min_seq_len=0, **kw)
+
+
+def _sharpen(model: torch.nn.Module) -> None:
+    """Scale q/k projections so random attention is peaked: block scores then differ clearly, and the low-tau selection
+    is not decided by last-bit ties (which would make padded-vs-single comparisons flaky)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    _sharpen(model)
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _clean(request: pytest.FixtureRequest):
+    yield
+    for name in ("llama", "gemma"):
+        if name in request.fixturenames:
+            xa.remove(request.getfixturevalue(name))
+
+
+def ids(length: int = SEQ, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, input_ids: torch.Tensor, **kw) -> torch.Tensor:
+    return model(input_ids=input_ids, **kw).logits
+
+
+def test_threshold_one_equals_dense(llama) -> None:
+    x = ids()
+    dense = logits(llama, x)
+    xa.apply(llama, xatt(1.0), record_stats=True)
+    sparse = logits(llama, x)
+    stats = collected_stats(llama)
+    assert [s["layer"] for s in stats] == [0, 1, 2]
+    assert all(s["density"] == pytest.approx(1.0) and s["q_len"] == s["k_len"] == SEQ for s in stats)
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_low_threshold_runs_sparse_and_remove_restores_exactly(llama) -> None:
+    x = ids()
+    assert llama.config._attn_implementation == "sdpa"
+    dense = logits(llama, x)
+    xa.apply(llama, xatt(0.3), record_stats=True, record_mass=True)
+    assert llama.config._attn_implementation == "xattention"
+    sparse = logits(llama, x)
+    stats = collected_stats(llama)
+    assert len(stats) == 3
+    assert all(s["density"] < 0.9 for s in stats)
+    assert all(0.0 < s["mass_kept"] < 1.0 for s in stats)
+    assert (sparse - dense).abs().max() > 1e-2
+    reset_stats(llama)
+    assert collected_stats(llama) == []
+    xa.remove(llama)
+    assert llama.config._attn_implementation == "sdpa"
+    assert torch.equal(logits(llama, x), dense)
+    with pytest.raises(ValueError, match="no xattention applied"):
+        collected_stats(llama)
+
+
+def test_mass_kept_matches_an_independent_computation(llama) -> None:
+    # Layer 0's input does not depend on attention, so its q/k are the ones capture_qk sees on the dense model.
+    x = ids()
+    q, k = capture_qk(llama, x)[0]
+    method = xatt(0.3)
+    mask = method.estimate(q, k, scale=llama.model.layers[0].self_attn.scaling)
+    scores = q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-1, -2) * q.shape[-1] ** -0.5
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    expected = (probs * mask.to_token_mask().float()).sum(-1).mean()
+    xa.apply(llama, method, record_stats=True, record_mass=True)
+    logits(llama, x)
+    first = collected_stats(llama)[0]
+    assert first["layer"] == 0
+    assert first["density"] == pytest.approx(mask.density())
+    assert first["mass_kept"] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_generate_after_apply_decodes_densely(llama) -> None:
+    x = ids(length=140)
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    expected = llama.generate(x, **kw)
+    xa.apply(llama, xatt(1.0), record_stats=True)
+    got = llama.generate(x, **kw)
+    assert torch.equal(got, expected)
+    stats = collected_stats(llama)  # one prefill, no decode step recorded
+    assert [s["q_len"] for s in stats] == [140] * 3
+    xa.apply(llama, xatt(0.2))
+    assert llama.generate(x, **kw).shape == (1, 146)
+
+
+def test_chunked_prefill_uses_bottom_right_alignment(llama) -> None:
+    x = ids()
+    dense = logits(llama, x)
+    xa.apply(llama, xatt(1.0), record_stats=True)
+    with torch.no_grad():
+        first = llama(input_ids=x[:, :200], use_cache=True)
+        cache = getattr(first, "cache", None)
+        cache = first.past_key_values if cache is None else cache
+        name = "cache" if "cache" in inspect.signature(llama.forward).parameters else "past_key_values"
+        second = llama(input_ids=x[:, 200:], use_cache=True, **{name: cache}).logits
+    torch.testing.assert_close(second, dense[:, 200:], rtol=1e-4, atol=1e-4)
+    assert [(s["q_len"], s["k_len"]) for s in collected_stats(llama)[3:]] == [(100, 300)] * 3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("threshold", [1.0, 0.5])
+def test_padded_batch_equals_single_runs(llama, side: str, threshold: float) -> None:
+    lengths = [SEQ, 200, 77]
+    seqs = [ids(length=n, seed=10 + i) for i, n in enumerate(lengths)]
+    xa.apply(llama, xatt(threshold), record_stats=True)
+    singles = [logits(llama, s)[0] for s in seqs]
+    single_density = [s["density"] for s in collected_stats(llama)]
+    reset_stats(llama)
+
+    batch = torch.zeros(len(seqs), SEQ, dtype=torch.long)
+    mask = torch.zeros(len(seqs), SEQ, dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        cols = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
+        batch[b, cols], mask[b, cols] = s[0], 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = logits(llama, batch, attention_mask=mask, position_ids=position_ids)
+    for b, n in enumerate(lengths):
+        cols = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
+        torch.testing.assert_close(out[b, cols], singles[b], rtol=2e-4, atol=2e-4)
+    # density of the batch = mean of the single runs' densities, layer by layer
+    per_layer = [sum(single_density[i::3]) / len(seqs) for i in range(3)]
+    assert [s["density"] for s in collected_stats(llama)] == pytest.approx(per_layer, abs=1e-6)
+
+
+def test_non_contiguous_mask_is_rejected(llama) -> None:
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, 100:110] = 0
+    xa.apply(llama, xatt(0.5))
+    with pytest.raises(ValueError, match="contiguous"):
+        logits(llama, x, attention_mask=mask)
+
+
+def test_per_layer_mapping_and_thresholds(llama, tmp_path) -> None:
+    x = ids()
+    xa.apply(llama, {1: xatt(0.3)}, record_stats=True)
+    stats = collected_stats(llama)
+    logits(llama, x)
+    stats = collected_stats(llama)
+    assert [s["layer"] for s in stats] == [0, 1, 2]
+    assert stats[0]["density"] is None and stats[2]["density"] is None
+    assert stats[1]["density"] < 0.9
+
+    # per-head thresholds: layer 0 at tau = 1 (everything kept), layers 1-2 low; from a tensor and from a file
+    table = torch.full((3, 4), 0.3)
+    table[0] = 1.0
+    path = tmp_path / "thr.json"
+    xa.save_thresholds(path, table, model_name="tiny-llama")
+    for thresholds in (table, path, str(path)):
+        xa.apply(llama, xatt(0.9), thresholds=thresholds, record_stats=True)
+        logits(llama, x)
+        density = [s["density"] for s in collected_stats(llama)]
+        assert density[0] == pytest.approx(1.0)
+        assert density[1] < 0.9 and density[2] < 0.9
+
+    xa.save_thresholds(path, torch.full((3, 2), 0.5), model_name="tiny-llama")
+    with pytest.raises(ValueError, match=r"\[3, 2\].*\[3, 4\]"):
+        xa.apply(llama, xatt(0.9), thresholds=path)
+    with pytest.raises(ValueError, match=r"\[2, 4\].*\[3, 4\]"):
+        xa.apply(llama, xatt(0.9), thresholds=torch.full((2, 4), 0.5))
+    with pytest.raises(ValueError, match="Dense has no threshold"):
+        xa.apply(llama, xa.Dense(), thresholds=table)
+    with pytest.raises(ValueError, match="not in"):
+        xa.apply(llama, {5: xatt(0.5)})
+
+
+def test_capture_qk_returns_post_rope_keys(llama) -> None:
+    x = ids(length=64)
+    captured = capture_qk(llama, x)
+    assert sorted(captured) == [0, 1, 2]
+    q, k = captured[2]
+    assert q.shape == (1, 4, 64, 16) and k.shape == (1, 2, 64, 16)
+    assert llama.config._attn_implementation == "sdpa"  # capture on a plain model leaves it plain
+    with torch.no_grad():
+        out = llama(input_ids=x, use_cache=True)
+    cache = getattr(out, "cache", None)
+    cache = out.past_key_values if cache is None else cache
+    torch.testing.assert_close(k, cache.layers[2].keys)
+    assert list(capture_qk(llama, x, layers=[1])) == [1]
+
+
+def test_registered_name_works_in_from_config(llama) -> None:
+    xa.register()
+    xa.register()  # idempotent
+    model = transformers.LlamaForCausalLM._from_config(llama.config, attn_implementation="xattention")
+    model.load_state_dict(llama.state_dict())
+    model.eval()
+    assert model.config._attn_implementation == "xattention"
+    x = ids()
+    # default XAttention(): min_seq_len 12288 > 300, so the dense path runs
+    torch.testing.assert_close(logits(model, x), logits(llama, x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_without_attention_interface_is_rejected() -> None:
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=2)
+    model = transformers.BloomForCausalLM(config)
+    with pytest.raises(ValueError, match="BloomForCausalLM"):
+        xa.apply(model, xatt(0.5))
+
+
+def test_import_registers_nothing() -> None:
+    # registering needs transformers: if importing xattention does not import it, nothing was registered
+    code = "import sys, xattention; assert 'transformers' not in sys.modules, 'import xattention imported transformers'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def gemma() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=64,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        max_position_embeddings=1024,
+    )
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    _sharpen(model)
+    return model
+
+
+def test_gemma3_sliding_layers_stay_dense(gemma) -> None:
+    x = ids()
+    dense = logits(gemma, x)
+    xa.apply(gemma, xatt(1.0), record_stats=True)
+    torch.testing.assert_close(logits(gemma, x), dense, rtol=1e-4, atol=1e-4)
+    assert [s["layer"] for s in collected_stats(gemma)] == [1, 3]
+    xa.apply(gemma, xatt(0.3), record_stats=True)
+    assert (logits(gemma, x) - dense).abs().max() > 1e-3
+    assert all(s["density"] < 0.9 for s in collected_stats(gemma))
+    assert sorted(capture_qk(gemma, x)) == [1, 3]

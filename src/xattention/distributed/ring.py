@@ -64,9 +64,9 @@ __all__ = ["PhaseStats", "RingStats", "attend_shard", "ring_estimate", "ring_spa
 
 logger = logging.getLogger(__name__)
 
-# Float32 elements the one-pass XAttention selection may keep for its per-shard block sums (1 GiB), as the reference's
-# chunk budget: beyond it the selection takes two ring passes instead of holding B*Hq*(L_r/S)*Kb floats.
-DEFAULT_MEMORY_BUDGET = ref.DEFAULT_CHUNK_ELEMENTS
+# Float32 elements the one-pass XAttention selection may keep for its per-shard block sums (1 GiB): beyond it the
+# selection takes two ring passes instead of holding B*Hq*(L_r/S)*Kb floats.
+DEFAULT_MEMORY_BUDGET = 1 << 28
 
 
 @dataclass

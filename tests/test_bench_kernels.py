@@ -11,7 +11,7 @@ from xattention.benchmarks import kernels as bench
 
 
 def test_parse_lengths() -> None:
-    assert bench.parse_lengths("8k, 1000,128K") == [8192, 1000, 131072]
+    assert bench.parse_lengths("8k, 1000,128K") == [1000, 8192, 131072]
     with pytest.raises(ValueError, match="lengths"):
         bench.parse_lengths("")
 

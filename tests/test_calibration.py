@@ -477,7 +477,7 @@ def test_prompts_have_the_requested_length() -> None:
     assert "pass key" in "".join(chr(i - 2) for i in cal.haystack_prompt(tok, 2000, seed=0)[1:])
     windows = cal.text_prompts(tok, TEXT, 100, 3)
     assert [len(w) for w in windows] == [100, 100, 100] and windows[0] != windows[-1]
-    assert cal.parse_lengths("4k,1500, 2.5k") == [4096, 1500, 2560]
+    assert cal.parse_lengths("4k,1500, 2.5k") == [1500, 2560, 4096]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

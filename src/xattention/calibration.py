@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._parsing import parse_lengths
 from ._validation import check_qkv
 from .block_mask import BlockMask
 from .kernels import resolve_backend
@@ -44,7 +45,6 @@ __all__ = [
     "haystack_prompt",
     "head_statistics",
     "main",
-    "parse_lengths",
     "parse_target",
     "text_prompts",
 ]
@@ -526,28 +526,6 @@ def parse_target(target: str | Mapping[str, float] | tuple[str, float]) -> tuple
     if not 0.0 < number <= 1.0:
         raise ValueError(f"target {kind} must lie in (0, 1], got {number}")
     return kind, number
-
-
-def parse_lengths(text: str | Sequence[int]) -> list[int]:
-    """``"4k,8k,1500"`` -> ``[4096, 8192, 1500]`` (``k`` = 1024)."""
-    items = [s.strip() for s in text.split(",")] if isinstance(text, str) else list(text)
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            if not item:
-                continue
-            try:
-                value = int(float(item[:-1]) * 1024) if item.lower().endswith("k") else int(item)
-            except ValueError:
-                raise ValueError(f"length {item!r} is not a token count like 4096 or 4k") from None
-        else:
-            value = int(item)
-        if value <= 0:
-            raise ValueError(f"lengths must be positive, got {value}")
-        out.append(value)
-    if not out:
-        raise ValueError("give at least one calibration length")
-    return out
 
 
 def _text_config(model: Any) -> Any:

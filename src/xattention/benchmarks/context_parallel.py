@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
 
 __all__ = ["add_arguments", "main", "run"]
@@ -48,17 +49,6 @@ logger = logging.getLogger(__name__)
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def parse_lengths(text: str) -> list[int]:
-    """``"8k,131072"`` -> ``[8192, 131072]``."""
-    out = []
-    for item in filter(None, (t.strip().lower() for t in text.split(","))):
-        mult = 1024 if item.endswith("k") else 1
-        out.append(int(item.rstrip("k")) * mult)
-    if not out or any(n <= 0 for n in out):
-        raise ValueError(f"--lengths needs positive integers like 8k,131072, got {text!r}")
-    return out
 
 
 def _free_port() -> int:

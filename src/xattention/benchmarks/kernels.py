@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .._parsing import parse_lengths
+
 __all__ = ["add_arguments", "main", "run"]
 
 logger = logging.getLogger(__name__)
@@ -29,16 +31,6 @@ def causal_attention_flops(batch: int, heads: int, q_len: int, k_len: int, head_
     """Multiply-adds x2 of causal attention (bottom-right aligned), counting only visible (query, key) pairs."""
     visible = q_len * (k_len - q_len) + q_len * (q_len + 1) / 2
     return 4.0 * batch * heads * visible * head_dim
-
-
-def parse_lengths(text: str) -> list[int]:
-    out = []
-    for item in filter(None, (t.strip().lower() for t in text.split(","))):
-        mult = 1024 if item.endswith("k") else 1
-        out.append(int(item.rstrip("k")) * mult)
-    if not out or any(n <= 0 for n in out):
-        raise ValueError(f"--lengths needs positive integers like 8k,32k, got {text!r}")
-    return out
 
 
 def random_block_mask(batch: int, heads: int, length: int, block: int, density: float, device: torch.device):

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
+from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
-from .kernels import _bench, parse_lengths
+from .kernels import _bench
 
 __all__ = ["DEFAULT_METHODS", "add_arguments", "main", "run"]
 

@@ -27,14 +27,15 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._parsing import parse_lengths
 from ..methods import Method, method_from_spec
+from ..methods.registry import split_method_specs
 from .scoring import score
 from .tasks import TASKS, Sample, SampleGenerator, resolve_tasks, sample_seed
 
@@ -53,29 +54,6 @@ class TimeBudgetExceeded(Exception):
         self.done, self.total = done, total
 
 
-_LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$")
-
-
-def parse_lengths(text: str | Sequence[int | str]) -> list[int]:
-    """``"1k,2k,4096"`` -> ``[1024, 2048, 4096]`` (k = 1024, m = 1024**2, as RULER's 4K = 4096). Sorted, deduplicated."""
-    items = text.split(",") if isinstance(text, str) else list(text)
-    out: set[int] = set()
-    for item in items:
-        raw = str(item).strip().lower()
-        if not raw:
-            continue
-        m = _LENGTH.match(raw)
-        if m is None:
-            raise ValueError(f"bad length {str(item).strip()!r}: use a token count like 4096, 4k or 1.5k")
-        value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2)]
-        if value != int(value) or value < 1:
-            raise ValueError(f"bad length {str(item).strip()!r}: it must be a positive whole number of tokens")
-        out.add(int(value))
-    if not out:
-        raise ValueError("no lengths given")
-    return sorted(out)
-
-
 def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
     """Method specs (comma-separated names with ``:key=value`` parameters, or a list) -> ``[(label, Method)]``.
 
@@ -84,15 +62,7 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
     Unknown methods or parameters raise ``ValueError`` (from :func:`~xattention.methods.method_from_spec`).
     """
     if isinstance(specs, str):
-        groups: list[str] = []
-        for part in (p.strip() for p in specs.split(",")):
-            if not part:
-                continue
-            if "=" in part and ":" not in part.split("=", 1)[0] and groups:
-                groups[-1] += "," + part
-            else:
-                groups.append(part)
-        specs = groups
+        specs = split_method_specs(specs)
     out: list[tuple[str, Method]] = []
     for spec in specs:
         label = "".join(str(spec).split())

@@ -10,11 +10,19 @@ from torch import Tensor
 
 from ..block_mask import BlockMask
 
-__all__ = ["DEFAULT_MIN_SEQ_LEN", "Method"]
+__all__ = ["DEFAULT_MIN_SEQ_LEN", "Method", "check_fraction"]
 
 # Below this many keys `sparse_attention` runs dense attention: selection plus a sparse kernel does not pay for itself on
 # short inputs. Measured crossover on an H200 (see README, "Speed"); override per method with `min_seq_len=`.
 DEFAULT_MIN_SEQ_LEN = 12288
+
+
+def check_fraction(name: str, value: object) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number (not a bool) in ``(0, 1]``: thresholds, mass targets."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must lie in (0, 1], got {value}")
 
 
 @dataclass(kw_only=True, eq=False)

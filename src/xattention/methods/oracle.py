@@ -11,7 +11,7 @@ from .._validation import check_qkv
 from ..block_mask import BlockMask
 from ..kernels import resolve_backend
 from ..kernels.reference import select_blocks, true_block_scores
-from .base import Method
+from .base import Method, check_fraction
 
 __all__ = ["Oracle"]
 
@@ -37,10 +37,7 @@ class Oracle(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a float in (0, 1], got {self.threshold!r}")
-        if not 0.0 < float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        check_fraction("threshold", self.threshold)
 
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"

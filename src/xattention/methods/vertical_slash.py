@@ -17,7 +17,7 @@ from .._validation import check_qkv
 from ..block_mask import BlockMask, causal_block_bounds
 from ..kernels import resolve_backend
 from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, forced_blocks
-from .base import Method
+from .base import Method, check_fraction
 
 __all__ = [
     "VerticalSlash",
@@ -215,10 +215,7 @@ class VerticalSlash(Method):
         _check_size("vertical_size", self.vertical_size)
         _check_size("slash_size", self.slash_size)
         if self.threshold is not None:
-            if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-                raise ValueError(f"threshold must be None or a float in (0, 1], got {self.threshold!r}")
-            if not 0.0 < float(self.threshold) <= 1.0:
-                raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+            check_fraction("threshold", self.threshold)
 
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"

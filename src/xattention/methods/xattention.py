@@ -11,7 +11,7 @@ from torch import Tensor
 from .._validation import check_qkv
 from ..block_mask import BlockMask
 from ..kernels import resolve_backend
-from .base import Method
+from .base import Method, check_fraction
 
 __all__ = ["XAttention"]
 
@@ -53,10 +53,8 @@ class XAttention(Method):
             bad = (self.threshold <= 0) | (self.threshold > 1) | self.threshold.isnan()
             if bool(bad.any()):
                 raise ValueError(f"threshold values must lie in (0, 1], got {self.threshold.tolist()}")
-        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise ValueError(f"threshold must be a float or a [Hq] tensor, got {type(self.threshold).__name__}")
-        elif not 0.0 < float(self.threshold) <= 1.0:
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        else:
+            check_fraction("threshold", self.threshold)  # or a per-head tensor [Hq], checked above
 
     def head_thresholds(self, num_heads: int, device: torch.device) -> Tensor:
         """float64 ``[Hq]`` thresholds, checking a per-head tensor's length against ``num_heads``.

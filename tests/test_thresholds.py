@@ -1,4 +1,4 @@
-"""Thresholds files: exact float32 round trip, metadata, and a clear ValueError for every malformed input."""
+"""Thresholds files: exact float64 round trip, metadata, and a clear ValueError for every malformed input."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from xattention.thresholds import FORMAT
 
 
 def test_round_trip_is_exact(tmp_path) -> None:
-    values = torch.rand(5, 7) * 0.9 + 0.05
+    values = torch.rand(5, 7, dtype=torch.float64) * 0.9 + 0.05
     values[0, 0] = 1.0
+    values[0, 1] = 0.8  # a calibrated 0.8 must come back as 0.8, not float32's 0.800000011920929
     path = tmp_path / "sub" / "thr.json"
     save_thresholds(path, values, model_name="smollm2", metadata={"lengths": [1024, 2048], "target": 0.95})
     loaded = load_thresholds(path, num_layers=5, num_heads=7)
-    assert loaded.dtype == torch.float32
+    assert loaded.dtype == torch.float64
     assert torch.equal(loaded, values)
     doc = json.loads(path.read_text())
     assert doc["format"] == FORMAT and doc["model"] == "smollm2"

@@ -54,7 +54,7 @@ def save_thresholds(
         raise ValueError(f"thresholds must be a float tensor, got {thresholds.dtype}")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-    values = thresholds.detach().to("cpu", torch.float32)
+    values = thresholds.detach().to("cpu", torch.float64)
     _check_values(values, "save_thresholds")
     doc = {
         "format": FORMAT,
@@ -77,7 +77,7 @@ def load_thresholds(path: str | os.PathLike, *, num_layers: int | None = None, n
         path: the JSON file.
         num_layers, num_heads: when given, the file's shape must be ``[num_layers, num_heads]``.
     Returns:
-        float32 ``[L, Hq]``.
+        float64 ``[L, Hq]``.
     Raises:
         ValueError: unreadable or malformed file, values outside ``(0, 1]``, or a shape mismatch (naming both shapes).
     """
@@ -105,7 +105,7 @@ def load_thresholds(path: str | os.PathLike, *, num_layers: int | None = None, n
         raise ValueError(f"thresholds file {path}: 'thresholds' must be a non-empty rectangular list of lists of numbers")
     if any(not math.isfinite(float(x)) for row in rows for x in row):
         raise ValueError(f"thresholds file {path}: thresholds must be finite numbers")
-    values = torch.tensor(rows, dtype=torch.float32)
+    values = torch.tensor(rows, dtype=torch.float64)
     declared = (doc["num_layers"], doc["num_heads"])
     if declared != tuple(values.shape):
         raise ValueError(

@@ -343,7 +343,7 @@ def _resolve_thresholds(thresholds: Tensor | str | os.PathLike, num_layers: int,
                 f"thresholds has shape {list(thresholds.shape)} but the model needs [num_layers, num_heads] = "
                 f"{[num_layers, num_heads]}"
             )
-        return thresholds.detach().to("cpu", torch.float32)
+        return thresholds.detach().to("cpu", torch.float64)
     return load_thresholds(thresholds, num_layers=num_layers, num_heads=num_heads)
 
 

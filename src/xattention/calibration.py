@@ -40,6 +40,7 @@ from .kernels import resolve_backend
 __all__ = [
     "DEFAULT_CANDIDATES",
     "add_arguments",
+    "attention_scales",
     "calibrate",
     "choose_thresholds",
     "haystack_prompt",
@@ -533,7 +534,7 @@ def _text_config(model: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _attention_scales(model: Any) -> dict[int, float]:
+def attention_scales(model: Any) -> dict[int, float]:
     """``{layer index: softmax scale}`` read from the attention modules (``scaling``, as Hugging Face models name it),
     so models whose scale is not ``1/sqrt(D)`` (e.g. Gemma's query_pre_attn_scalar) are scored as they run."""
     scales: dict[int, float] = {}
@@ -614,7 +615,7 @@ def calibrate(
     if max_pos is not None and max(lens) > int(max_pos):
         logger.warning("calibration length %d exceeds the model's max_position_embeddings (%d)", max(lens), max_pos)
     capture_qk = _capture_fn()
-    scales = _attention_scales(model)
+    scales = attention_scales(model)
     device = next(model.parameters()).device
 
     start = time.perf_counter()

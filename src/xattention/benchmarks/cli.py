@@ -10,6 +10,7 @@ __all__ = ["add_arguments", "main"]
 BENCHMARKS = {
     "kernels": ("xattention.benchmarks.kernels", "dense vs sparse kernels, selection, end to end (GPU)"),
     "methods": ("xattention.benchmarks.methods", "every method: selection time, density, mass kept, end to end (GPU)"),
+    "quality": ("xattention.benchmarks.quality", "attention mass kept vs density per method on real q/k, oracle as ceiling"),
     "context-parallel": ("xattention.benchmarks.context_parallel", "ring sparse prefill over N ranks (torchrun)"),
 }
 

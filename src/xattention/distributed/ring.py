@@ -354,11 +354,7 @@ def _xattention_rows(
         pieces.append(scores)
     scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
-    thresholds = method.head_thresholds(hq, q.device)
-    if method.shared_kv_mask and hq != hkv:
-        g = hq // hkv
-        scores = scores.view(bsz, hkv, g, *scores.shape[2:]).mean(dim=2)
-        thresholds = thresholds.view(hkv, g).amax(dim=1)
+    scores, thresholds = method.pool_kv_groups(scores, method.head_thresholds(hq, q.device), hkv)
     rows = lay.blocks(ring.rank, q.device)
     forced, visible = ref.block_rows_geometry(length, length, b, rows, causal=causal, device=q.device)
     mask = ref.select_blocks_masked(scores, thresholds, forced=forced, visible=visible)

@@ -68,10 +68,21 @@ class XAttention(Method):
             return self.threshold.to(device=device, dtype=torch.float64)
         return torch.full((num_heads,), float(self.threshold), device=device, dtype=torch.float64)
 
+    def pool_kv_groups(self, scores: Tensor, thresholds: Tensor, num_kv_heads: int) -> tuple[Tensor, Tensor]:
+        """With ``shared_kv_mask``: the GQA group's mean block scores ``[B, Hkv, Qb, Kb]`` and largest threshold
+        ``[Hkv]``; otherwise ``scores`` ``[B, Hq, Qb, Kb]`` and ``thresholds`` ``[Hq]`` unchanged."""
+        hq = scores.shape[1]
+        if not self.shared_kv_mask or hq == num_kv_heads:
+            return scores, thresholds
+        g = hq // num_kv_heads
+        return scores.view(scores.shape[0], num_kv_heads, g, *scores.shape[2:]).mean(dim=2), thresholds.view(
+            num_kv_heads, g
+        ).amax(dim=1)
+
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
     ) -> BlockMask:
-        bsz, hq, hkv, lq, lk, _ = check_qkv(q, k)
+        _, hq, hkv, lq, lk, _ = check_qkv(q, k)
         thresholds = self.head_thresholds(hq, q.device)
         if resolve_backend(backend, q.device) == "triton":
             from ..kernels import antidiagonal as scoring
@@ -83,10 +94,7 @@ class XAttention(Method):
         scores = scoring.antidiagonal_block_scores(
             q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
         )
-        if self.shared_kv_mask and hq != hkv:
-            g = hq // hkv
-            scores = scores.view(bsz, hkv, g, *scores.shape[2:]).mean(dim=2)
-            thresholds = thresholds.view(hkv, g).amax(dim=1)
+        scores, thresholds = self.pool_kv_groups(scores, thresholds, hkv)
         mask = selection.select_blocks(scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal)
         if mask.shape[1] != hq:
             mask = mask.repeat_interleave(hq // hkv, dim=1)

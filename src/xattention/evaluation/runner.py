@@ -9,15 +9,22 @@ already there, so an interrupted run loses at most the batch in flight.
 Methods are built with ``method_from_spec(spec, min_seq_len=0)``: the sparse path runs at every length (the library's
 default ``min_seq_len`` would fall back to dense below 12K keys, which would make short-context accuracy meaningless).
 
-Work goes in rounds of ``batch_size`` sample indices over every (length, task, method), so a run stopped early (Ctrl-C,
-``time_budget``, a job limit) leaves all cells with about the same number of samples.
+A batch holds up to ``batch_size`` prompts of one length and one method, mixed across tasks (a sample keeps only its
+own task's answer budget of the batch's decoding). Work goes in rounds of ``max(1, batch_size // tasks)`` sample indices
+over every (length, method), so a run stopped early (Ctrl-C, ``time_budget``, a job limit) leaves all cells with about
+the same number of samples.
+
+Methods may carry ``thresholds=PATH`` (a file from ``xattention calibrate``), e.g.
+``xattention:stride=8,thresholds=calib.json``: the model then runs with per-head thresholds
+(``apply(..., thresholds=PATH)``).
 
 A results line: ``task``, ``length`` (target), ``tokens`` (actual prompt tokens), ``sample``, ``seed``, ``method`` (the
 spec), ``method_params``, ``prediction``, ``references``, ``score`` (RULER string match in [0, 1]), ``density`` (kept
 fraction of causal blocks, mean over the full-attention layers of this sample's prefill; 1.0 for dense), ``mass_kept``
 (with ``mass``), ``prefill_ms`` (generate start to first logits; includes the mass measurement when ``mass`` is on),
 ``model``, ``depth`` (first needle's relative depth), ``max_new_tokens``, ``batch_size``, ``layer_density`` and
-``layer_mass_kept`` (per layer). With ``batch_size > 1`` the statistics and prefill time are the batch's.
+``layer_mass_kept`` (per layer), ``thresholds`` (the per-head thresholds file or ``None``). Density and mass are the
+sample's own (the integration records them per batch row); ``prefill_ms`` is the batch's.
 """
 
 from __future__ import annotations
@@ -39,7 +46,16 @@ from ..methods.registry import split_method_specs
 from .scoring import score
 from .tasks import TASKS, Sample, SampleGenerator, resolve_tasks, sample_seed
 
-__all__ = ["RESULTS_FILE", "EvalConfig", "TimeBudgetExceeded", "parse_lengths", "parse_methods", "read_results", "run_eval"]
+__all__ = [
+    "RESULTS_FILE",
+    "EvalConfig",
+    "TimeBudgetExceeded",
+    "method_thresholds",
+    "parse_lengths",
+    "parse_methods",
+    "read_results",
+    "run_eval",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +76,8 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
     A comma followed by ``key=value`` continues the previous method's parameters, so
     ``"dense,xattention:threshold=0.9,stride=16"`` is two methods. Labels are the specs with whitespace removed.
     Unknown methods or parameters raise ``ValueError`` (from :func:`~xattention.methods.method_from_spec`).
+    A ``thresholds=PATH`` parameter (per-head thresholds from ``xattention calibrate``) is checked here and kept in
+    the label; :func:`method_thresholds` returns it.
     """
     if isinstance(specs, str):
         specs = split_method_specs(specs)
@@ -68,12 +86,42 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
         label = "".join(str(spec).split())
         if not label:
             continue
-        method = method_from_spec(label, min_seq_len=0)
+        rest, path = _without_thresholds(label)
+        method = method_from_spec(rest, min_seq_len=0)
+        if path is not None:
+            _check_thresholds_file(label, method, path)
         if label not in [lbl for lbl, _ in out]:
             out.append((label, method))
     if not out:
         raise ValueError("no methods given")
     return out
+
+
+def method_thresholds(label: str) -> str | None:
+    """The ``thresholds=PATH`` of a method label, or ``None``."""
+    return _without_thresholds(label)[1]
+
+
+def _without_thresholds(label: str) -> tuple[str, str | None]:
+    name, _, rest = label.partition(":")
+    items = [item for item in rest.split(",") if item]
+    paths = [item.partition("=")[2] for item in items if item.partition("=")[0] == "thresholds"]
+    if len(paths) > 1:
+        raise ValueError(f"{label!r} gives thresholds= more than once")
+    kept = ",".join(item for item in items if item.partition("=")[0] != "thresholds")
+    return (f"{name}:{kept}" if kept else name), (paths[0] if paths else None)
+
+
+def _check_thresholds_file(label: str, method: Method, path: str) -> None:
+    from ..thresholds import load_thresholds
+
+    if not hasattr(method, "threshold"):
+        raise ValueError(f"{label!r}: {type(method).__name__} has no threshold, so per-head thresholds cannot apply")
+    if "threshold=" in label.replace("thresholds=", ""):
+        raise ValueError(f"{label!r}: give threshold= (one for every head) or thresholds=PATH (per head), not both")
+    if not Path(path).is_file():
+        raise ValueError(f"{label!r}: thresholds file {path} does not exist (make one with xattention calibrate)")
+    load_thresholds(path)  # a malformed file fails here, before any model loads; its shape is checked by apply
 
 
 @dataclass
@@ -354,7 +402,9 @@ def _generate(model: Any, tokenizer: Any, samples: Sequence[Sample], device: Any
     _synchronize(device)
     end = time.perf_counter()
     prefill_ms = 1000.0 * ((timer.first or end) - start)
-    new = out[:, width:].tolist()
+    # a batch decodes to its longest answer budget; each sample keeps only its own (greedy decoding is per row, so this
+    # is what a batch of its own task would have produced)
+    new = [row[: s.max_new_tokens] for row, s in zip(out[:, width:].tolist(), samples, strict=True)]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new], prefill_ms
 
 
@@ -421,32 +471,29 @@ def run_eval(
     bar = tqdm(total=len(todo), desc="eval", unit="sample", disable=not config.progress, dynamic_ncols=True)
     finished = 0  # results written by this run
     try:
-        # rounds of `batch_size` sample indices over every (length, task, method): a run stopped early leaves every cell
-        # with about the same number of samples
-        for first in range(0, config.samples, config.batch_size):
+        # rounds of sample indices over every (length, method); a batch mixes the round's tasks, so a run stopped early
+        # leaves every cell with about the same number of samples
+        per_round = max(1, config.batch_size // len(config.task_names))
+        for first in range(0, config.samples, per_round):
+            indices = range(first, min(first + per_round, config.samples))
             for length in config.length_values:
-                for task in config.task_names:
-                    prompts: dict[int, Sample] = {}  # generated once, reused by every method
-                    for label, method in config.method_list:
-                        batch = [
-                            i
-                            for i in range(first, min(first + config.batch_size, config.samples))
-                            if (length, task, i, label) in pending
-                        ]
-                        if not batch:
-                            continue
+                prompts: dict[tuple[str, int], Sample] = {}  # generated once, reused by every method
+                for label, method in config.method_list:
+                    items = [(t, i) for t in config.task_names for i in indices if (length, t, i, label) in pending]
+                    for at in range(0, len(items), config.batch_size):
+                        batch = items[at : at + config.batch_size]
                         # at least one batch per run, so that repeated runs always make progress
                         if config.time_budget is not None and finished and time.monotonic() - start > config.time_budget:
                             raise TimeBudgetExceeded(finished + total - len(todo), total)
-                        bar.set_postfix_str(f"{task} {length} {label}")
-                        for i in batch:
-                            if i not in prompts:
-                                prompts[i] = generator.generate(task, length, i)
-                        samples = [prompts[i] for i in batch]
-                        predictions, prefill_ms, stats = _run_batch(model, tokenizer, integration, method, samples, config)
+                        bar.set_postfix_str(f"{length} {label}")
+                        for item in batch:
+                            if item not in prompts:
+                                prompts[item] = generator.generate(item[0], length, item[1])
+                        samples = [prompts[item] for item in batch]
+                        predictions, prefill_ms, stats = _run_batch(model, tokenizer, integration, label, method, samples, config)
                         records = [
-                            _record(config, sample, label, method, prediction, prefill_ms, stats, len(samples))
-                            for sample, prediction in zip(samples, predictions, strict=True)
+                            _record(config, sample, label, method, prediction, prefill_ms, stats, len(samples), row)
+                            for row, (sample, prediction) in enumerate(zip(samples, predictions, strict=True))
                         ]
                         _append(results, records)
                         finished += len(records)
@@ -457,10 +504,18 @@ def run_eval(
 
 
 def _run_batch(
-    model: Any, tokenizer: Any, integration: Any, method: Method, samples: Sequence[Sample], config: EvalConfig
+    model: Any,
+    tokenizer: Any,
+    integration: Any,
+    label: str,
+    method: Method,
+    samples: Sequence[Sample],
+    config: EvalConfig,
 ) -> tuple[list[str], float, list[dict[str, Any]]]:
     """Apply ``method``, decode the batch, read the prefill statistics (decode steps left out), remove the method."""
-    integration.apply(model, method, record_stats=True, record_mass=config.mass)
+    thresholds = method_thresholds(label)
+    extra = {} if thresholds is None else {"thresholds": thresholds}
+    integration.apply(model, method, record_stats=True, record_mass=config.mass, **extra)
     try:
         integration.reset_stats(model)
         predictions, prefill_ms = _generate(model, tokenizer, samples, _device_of(model))
@@ -479,10 +534,18 @@ def _record(
     prefill_ms: float,
     stats: list[dict[str, Any]],
     batch_size: int,
+    row: int,
 ) -> dict[str, Any]:
-    # the dense path records density None: every causally visible block was computed
-    density = _mean(st.get("density") for st in stats)
-    mass = _mean(st.get("mass_kept") for st in stats) if config.mass else None
+    # this row's statistic where the layer recorded one per row, else the layer's (batch) value; the dense path records
+    # density None: every causally visible block was computed
+    def of_row(st: dict[str, Any], key: str) -> float | None:
+        rows = st.get(f"row_{key}")
+        return rows[row] if rows is not None and row < len(rows) else st.get(key)
+
+    layer_density = {str(st["layer"]): of_row(st, "density") for st in stats if st.get("layer") is not None}
+    layer_mass = {str(st["layer"]): of_row(st, "mass_kept") for st in stats if st.get("layer") is not None}
+    density = _mean(of_row(st, "density") for st in stats)
+    mass = _mean(of_row(st, "mass_kept") for st in stats) if config.mass else None
     if stats and density is None:
         density = 1.0
     if config.mass and stats and mass is None:
@@ -495,6 +558,7 @@ def _record(
         "seed": sample.seed,
         "method": label,
         "method_params": method.params(),
+        "thresholds": method_thresholds(label),
         "prediction": prediction,
         "references": sample.references,
         "score": score(prediction, sample.references, sample.metric),
@@ -506,8 +570,6 @@ def _record(
         "max_new_tokens": sample.max_new_tokens,
         "batch_size": batch_size,
         # per full-attention layer, for finding where a method loses accuracy: {layer index: value}
-        "layer_density": {str(st["layer"]): st.get("density") for st in stats if st.get("layer") is not None},
-        "layer_mass_kept": (
-            {str(st["layer"]): st.get("mass_kept") for st in stats if st.get("layer") is not None} if config.mass else None
-        ),
+        "layer_density": layer_density,
+        "layer_mass_kept": layer_mass if config.mass else None,
     }

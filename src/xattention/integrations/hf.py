@@ -254,23 +254,29 @@ def xattention_attention_forward(
             state.stats.append(record)
         return dense()
 
-    densities: list[float] = []
-    masses: list[float] = []
+    # per batch row (None for a row of padding only): a statistic is a mean over the row's heads
+    densities: list[float | None] = [None] * bsz
+    masses: list[float | None] = [None] * bsz
 
-    def run(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:
         out, block_mask = sparse_attention(q, k, v, method, scale=scale, return_mask=True)
         if state.record_stats:
             start = _clock(q.device)
-            densities.append(1.0 if block_mask is None else block_mask.density())
+            per_row = [1.0] * len(rows) if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
+            densities[rows.start : rows.stop] = per_row
             if state.record_mass:
-                kept = 1.0 if block_mask is None else float(attention_mass_kept(q, k, block_mask, scale=scale).mean())
-                masses.append(kept)
+                kept = (
+                    [1.0] * len(rows)
+                    if block_mask is None
+                    else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
+                )
+                masses[rows.start : rows.stop] = kept
             state.stats_seconds += _clock(q.device) - start
         return out
 
     if spans[0] is not None and all(span == spans[0] for span in spans):  # one span for all: a single batched call
         i0, i1, s, e = spans[0]
-        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1])
+        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1], range(bsz))
         if (i0, i1) != (0, q_len - 1):
             full = query.new_zeros(query.shape[:3] + value.shape[-1:])
             full[:, :, i0 : i1 + 1] = out
@@ -282,12 +288,16 @@ def xattention_attention_forward(
                 continue
             i0, i1, s, e = span
             out[b : b + 1, :, i0 : i1 + 1] = run(
-                query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1]
+                query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1], range(b, b + 1)
             )
     if state.record_stats:
-        record["density"] = sum(densities) / len(densities)
+        real = [d for d in densities if d is not None]
+        record["density"] = sum(real) / len(real)
+        record["row_density"] = densities
         if state.record_mass:
-            record["mass_kept"] = sum(masses) / len(masses)
+            kept = [m for m in masses if m is not None]
+            record["mass_kept"] = sum(kept) / len(kept)
+            record["row_mass_kept"] = masses
         state.stats.append(record)
     return out.transpose(1, 2).contiguous(), None
 
@@ -461,7 +471,9 @@ def collected_stats(model: Any) -> list[dict[str, Any]]:
         One dict per (prefill call, full-attention layer), in call order: ``{"layer", "q_len", "k_len", "density",
         "mass_kept"}``. ``density`` is the kept fraction of causally visible blocks (mean over batch and heads), ``None``
         when the dense path ran; ``mass_kept`` (only with ``record_mass``) is the exact attention mass inside the kept
-        blocks, mean over heads and batch (:func:`xattention.attention_mass_kept`). Decode steps are not recorded.
+        blocks, mean over heads and batch (:func:`xattention.attention_mass_kept`). When the sparse path ran, also
+        ``row_density`` (and with ``record_mass`` ``row_mass_kept``): one value per batch row, mean over heads, ``None``
+        for a row of padding only. Decode steps are not recorded.
     """
     return list(_state(model).stats)
 

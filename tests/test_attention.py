@@ -229,5 +229,7 @@ def test_attention_mass_kept(causal: bool) -> None:
     got = xa.attention_mass_kept(q, k, mask)
     assert got.shape == (2, 6) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _mass_kept_fp64(q, k, mask), atol=1e-5, rtol=1e-5)
+    for chunk in (1, 5000, 1 << 30):  # one block row per chunk ... everything at once
+        torch.testing.assert_close(xa.attention_mass_kept(q, k, mask, chunk_elements=chunk), got, atol=1e-6, rtol=1e-6)
     dense = xa.Dense(block_size=32).estimate(q, k, causal=causal)
     torch.testing.assert_close(xa.attention_mass_kept(q, k, dense), torch.ones(2, 6), atol=1e-5, rtol=0)

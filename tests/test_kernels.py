@@ -95,7 +95,7 @@ def test_block_sparse_attention_matches_reference(shape: tuple, density: float) 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("lq,lk", [(1000, 1000), (4097, 4097), (1024, 4096)])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("density", [1.0, 0.3])
 def test_bf16_attention_error_within_twice_pytorch(lq: int, lk: int, d: int, density: float) -> None:
     """Kernel error vs an fp32 reference is at most 2x the error of PyTorch's own bf16 attention (plus a hair)."""
@@ -133,6 +133,23 @@ def test_selection_agrees_at_scale(stride: int) -> None:
     want = method.estimate(q, k, backend="reference").mask
     agree = (got == want).float().mean().item()
     assert agree >= 0.99, agree
+
+
+@pytest.mark.gpu
+def test_selection_with_head_dim_256() -> None:
+    """gemma-3's shape (4 query heads on 1 K/V head of dimension 256): Triton scoring and selection match the reference."""
+    from xattention import XAttention
+
+    q, k = _qk(2, 4, 1, 4096, 4096, 256, torch.bfloat16)
+    torch.testing.assert_close(
+        antidiagonal_block_scores(q, k, stride=8, block_size=128, scale=256**-0.5),
+        ref.antidiagonal_block_scores(q, k, stride=8, block_size=128, scale=256**-0.5),
+        rtol=2e-2,
+        atol=1e-3,
+    )
+    method = XAttention(stride=8, threshold=0.9, min_seq_len=0)
+    agree = (method.estimate(q, k, backend="triton").mask == method.estimate(q, k, backend="reference").mask).float()
+    assert agree.mean().item() >= 0.99
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""``xattention eval``: offline RULER-style accuracy of sparse-prefill methods, and ``xattention eval report DIR``.
+"""``xattention eval``: offline RULER-style accuracy of sparse-prefill methods, ``xattention eval report DIR`` and
+``xattention eval diagnose DIR`` (where a method's block masks drop the needle's attention).
 
 Only argparse is imported at module level; torch, transformers and the data packages load when a run starts.
 """
@@ -6,6 +7,7 @@ Only argparse is imported at module level; torch, transformers and the data pack
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 __all__ = ["add_arguments", "main"]
@@ -15,6 +17,9 @@ examples:
   xattention eval --model smollm2 --tasks ruler --lengths 1k,2k,4k \\
       --methods dense,xattention:threshold=0.9 --samples 20 --out runs/smollm2
   xattention eval report runs/smollm2          # rebuild summary.md/.json and the plot from results.jsonl
+  xattention eval diagnose runs/smollm2 --methods xattention:threshold=0.9 --lengths 1k --max-samples 40
+      # per layer and head: attention on the answer tokens that the method's masks drop, samples it lost vs kept
+      # (writes DIR/diagnose-<length>-<method>.json and .md; exactly one method and one length)
 
 Tasks: niah_single_1/2/3, niah_multikey_1/2/3, niah_multivalue, niah_multiquery, vt, cwe, fwe (group "ruler"), passkey
 (group "all" = ruler + passkey). Re-running the same command resumes: finished (task, length, sample, method) results
@@ -26,7 +31,13 @@ in DIR/results.jsonl are skipped. Exit status: 0 done, 2 bad arguments, 3 --time
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG
-    parser.add_argument("action", nargs="*", metavar="report DIR", help="rebuild the summary and plot of DIR and exit")
+    parser.add_argument(
+        "action",
+        nargs="*",
+        metavar="report|diagnose DIR",
+        help="report: rebuild the summary and plot of DIR and exit; diagnose: explain a method's lost samples in DIR "
+        "(needs --methods and --lengths with one value each)",
+    )
     parser.add_argument("--model", default="smollm2", help="model name known to xattention.models, or a local .gguf / HF folder")
     parser.add_argument("--tasks", default="ruler", help="comma list of tasks or groups: ruler, niah, all (default: ruler)")
     parser.add_argument("--lengths", default="1k,2k,4k", help="target lengths in tokens incl. the answer budget (k = 1024)")
@@ -63,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--report-only", action="store_true", help="only rebuild the summary and plot of --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="diagnose: look at no more than N samples (lost and kept alternating)",
+    )
 
 
 def _report(out: str) -> int:
@@ -74,10 +92,65 @@ def _report(out: str) -> int:
     return 0
 
 
+def _diagnose(out: str, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .._parsing import parse_lengths
+    from .runner import RESULTS_FILE, parse_methods
+
+    # checked before anything loads: one method (other than dense), one length, an existing results file
+    if not args.methods:
+        raise ValueError("diagnose needs --methods with exactly one method label, e.g. --methods xattention:threshold=0.9")
+    methods = parse_methods(",".join(args.methods))
+    if len(methods) != 1:
+        raise ValueError(f"diagnose takes exactly one method, got {len(methods)}: {', '.join(m for m, _ in methods)}")
+    label = methods[0][0]
+    if label == "dense":
+        raise ValueError("diagnose compares a sparse method with dense; give a method other than dense")
+    lengths = parse_lengths(args.lengths)
+    if len(lengths) != 1:
+        raise ValueError(f"diagnose takes exactly one length, got {len(lengths)}: give e.g. --lengths 1k")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
+    if not (Path(out) / RESULTS_FILE).is_file():
+        raise ValueError(f"no {RESULTS_FILE} in {out}")
+
+    import json
+
+    from .diagnose import diagnose, format_diagnosis
+
+    result = diagnose(
+        out,
+        method_label=label,
+        length=lengths[0],
+        max_samples=args.max_samples,
+        progress=not args.no_progress,
+        base_seed=args.seed,
+        chat_template=args.chat_template,
+    )
+    stem = f"diagnose-{lengths[0]}-{_sanitise(label)}"
+    markdown = format_diagnosis(result)
+    (Path(out) / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    (Path(out) / f"{stem}.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    print(f"wrote {out}/{stem}.json and {stem}.md")
+    return 0
+
+
+def _sanitise(label: str) -> str:
+    """A method label as a file-name part: ``xattention:threshold=0.9`` -> ``xattention_threshold_0.9``."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_.") or "method"
+
+
 def main(args: argparse.Namespace) -> int:
     if args.action:
+        if len(args.action) == 2 and args.action[0] == "diagnose":
+            return _diagnose(args.action[1], args)
         if len(args.action) != 2 or args.action[0] != "report":
-            raise ValueError(f"unexpected arguments {' '.join(args.action)!r}; did you mean 'xattention eval report DIR'?")
+            raise ValueError(
+                f"unexpected arguments {' '.join(args.action)!r}; did you mean 'xattention eval report DIR' or "
+                "'xattention eval diagnose DIR'?"
+            )
         return _report(args.action[1])
     if not args.out:
         raise ValueError("--out DIR is required")

@@ -43,6 +43,7 @@ __all__ = [
     "capture_qk",
     "capturing",
     "collected_stats",
+    "layer_methods",
     "register",
     "remove",
     "reset_stats",
@@ -357,9 +358,11 @@ def _resolve_thresholds(thresholds: Tensor | str | os.PathLike, num_layers: int,
     return load_thresholds(thresholds, num_layers=num_layers, num_heads=num_heads)
 
 
-def _layer_methods(
+def layer_methods(
     method: Method | Mapping[int, Method], num_layers: int, num_heads: int, thresholds: Tensor | str | os.PathLike | None
 ) -> dict[int, Method]:
+    """The method each layer runs: ``method`` for every layer (or the mapping, checked), with ``threshold`` replaced by
+    row ``i`` of ``thresholds`` (``[num_layers, num_heads]``, a tensor or a thresholds file) in layer ``i``."""
     if isinstance(method, Method):
         methods = dict.fromkeys(range(num_layers), method)
     elif isinstance(method, Mapping):
@@ -407,7 +410,7 @@ def apply(
     _check_supported(model)
     text = _text_config(model)
     num_layers, num_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-    methods = _layer_methods(method, num_layers, num_heads, thresholds)
+    methods = layer_methods(method, num_layers, num_heads, thresholds)
 
     if record_mass and not record_stats:
         raise ValueError("record_mass=True needs record_stats=True")

@@ -414,3 +414,15 @@ def test_per_head_thresholds_reach_a_real_model(tmp_path) -> None:
                  methods=f"xattention:thresholds={wrong}")  # fmt: skip
     with pytest.raises(ValueError, match=r"\[3, 4\] but the model needs \[2, 4\]"):
         run_eval(run, load_model=lambda name, **kw: (model, tok), integration=hf)
+
+
+def test_method_family_groups_a_sweep_into_one_curve() -> None:
+    assert report.method_family("xattention:stride=8,threshold=0.9") == ("xattention:stride=8", "0.9")
+    assert report.method_family("xattention:threshold=0.9,stride=8") == ("xattention:stride=8", "0.9")
+    assert report.method_family("xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.85.json") == (
+        "xattention:stride=8 per-head",
+        "mass0.85",
+    )
+    assert report.method_family("streaming:sink_blocks=1,local_blocks=4") == ("streaming:sink_blocks=1", "4")
+    assert report.method_family("flexprefill:gamma=0.95") == ("flexprefill", "0.95")
+    assert report.method_family("dense") == ("dense", "")

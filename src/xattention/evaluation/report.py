@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_markdown", "plot_score_vs_density", "summarize", "write_report"]
+__all__ = ["format_markdown", "method_family", "plot_score_vs_density", "summarize", "write_report"]
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
@@ -216,33 +216,87 @@ def format_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# parameters a method's accuracy curve sweeps: methods that differ only in these form one curve in the plot
+_SWEPT = ("threshold", "gamma", "local_blocks", "thresholds")
+
+
+def method_family(label: str) -> tuple[str, str]:
+    """``(curve, point)`` of a method label for the plot: the label without its swept parameter, and that parameter.
+
+    ``"xattention:stride=8,threshold=0.9"`` -> ``("xattention:stride=8", "0.9")``;
+    ``"xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.9.json"`` -> ``("xattention:stride=8 per-head",
+    "mass0.9")`` (the file name's last ``-`` part); ``"dense"`` -> ``("dense", "")``.
+    """
+    name, _, rest = label.partition(":")
+    params = [item.partition("=") for item in rest.split(",") if item]
+    fixed = [f"{k}={v}" for k, _, v in params if k not in _SWEPT]
+    swept = {k: v for k, _, v in params if k in _SWEPT}
+    family = name + (":" + ",".join(fixed) if fixed else "")
+    if "thresholds" in swept:
+        return family + " per-head", Path(swept["thresholds"]).stem.rsplit("-", 1)[-1]
+    return family, ",".join(swept.values())
+
+
 def plot_score_vs_density(summary: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Task-averaged score vs block density, one line per method, one point per length (labelled), ±1 SE bars."""
+    """Score minus dense (paired, ±1 SE, averaged over tasks) vs block density: one panel per (model, length), one
+    curve per method family (:func:`method_family`: e.g. XAttention's threshold sweep), points labelled by the swept
+    value; the band is ±1 point around dense. A model without a dense run gets its raw task-averaged scores instead."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({a["model"] for a in summary["averages"]})
-    fig, axes = plt.subplots(1, max(len(models), 1), figsize=(6.5 * max(len(models), 1), 4.8), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        avgs = [a for a in summary["averages"] if a["model"] == model and a["density"] is not None]
-        for method in _methods_in(avgs):
-            pts = sorted((a for a in avgs if a["method"] == method), key=lambda a: a["length"])
-            xs = [a["density"] for a in pts]
-            ys = [a["score"] for a in pts]
-            errs = [a["stderr"] or 0.0 for a in pts]
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=method)
-            for a in pts:
-                ax.annotate(_length_label(a["length"]), (a["density"], a["score"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)  # fmt: skip
+    density = {(a["model"], a["length"], a["method"]): a["density"] for a in summary["averages"]}
+    panels = sorted({(a["model"], a["length"]) for a in summary["averages"]})
+    paired = {(d["model"], d["length"], d["method"]): d for d in summary["differences"]}
+    families = sorted({method_family(a["method"])[0] for a in summary["averages"] if a["method"] != "dense"})
+    colours = {f: plt.get_cmap("tab10" if len(families) <= 10 else "tab20")(i) for i, f in enumerate(families)}
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.2 * max(len(panels), 1), 4.6), squeeze=False)
+    for ax, (model, length) in zip(axes[0], panels, strict=True):
+        relative = any(m == model and n == length for m, n, _ in paired)
+        points: dict[str, list[tuple[float, float, float, str]]] = defaultdict(list)
+        for a in summary["averages"]:
+            if (a["model"], a["length"]) != (model, length) or a["method"] == "dense" or a["density"] is None:
+                continue
+            if relative:
+                d = paired.get((model, length, a["method"]))
+                if d is None:
+                    continue
+                y, err = d["difference"], d["stderr"] or 0.0
+            else:
+                y, err = a["score"], a["stderr"] or 0.0
+            family, point = method_family(a["method"])
+            points[family].append((density[(model, length, a["method"])], y, err, point))
+        for family in families:
+            pts = sorted(points.get(family, []))
+            if not pts:
+                continue
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        color=colours[family], label=family)  # fmt: skip
+            for x, y, _, point in pts:
+                if point:
+                    ax.annotate(point, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colours[family])
+        if relative:
+            ax.axhspan(-1.0, 1.0, color="grey", alpha=0.15, lw=0)
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set_ylabel("score − dense, RULER ×100 (paired, mean over tasks)")
+        else:
+            ax.set_ylabel("score, RULER ×100 (mean over tasks)")
         ax.set_xlabel("block density (kept fraction of causal blocks)")
-        ax.set_ylabel("score, RULER ×100 (mean over tasks)")
-        ax.set_title(model)
+        ax.set_title(f"{model}, {_length_label(length)}")
         ax.set_xlim(0.0, 1.05)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:
+        for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lbl not in labels:
+                handles.append(h)
+                labels.append(lbl)
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+    else:
+        fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

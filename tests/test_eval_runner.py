@@ -257,14 +257,18 @@ def test_context_from_files_before_loading(tmp_path) -> None:
     assert runner.context_limit_from_files("no-such-model") is None
 
 
-def test_tiny_llama_through_the_real_integration(tmp_path) -> None:
+def _tiny_llama():
+    """A 2-layer random LlamaForCausalLM (4 query / 2 KV heads) and a word tokenizer for it."""
     transformers = pytest.importorskip("transformers")
-    hf = pytest.importorskip("xattention.integrations.hf")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    tok = WordTokenizer(vocab_size=512)
+    return transformers.LlamaForCausalLM(cfg).eval(), WordTokenizer(vocab_size=512)
+
+
+def test_tiny_llama_through_the_real_integration(tmp_path) -> None:
+    hf = pytest.importorskip("xattention.integrations.hf")
+    model, tok = _tiny_llama()
     run = config(tmp_path, tasks="passkey", lengths="512", methods="dense,xattention:threshold=0.3", samples=2,
                  max_new_tokens=3, batch_size=2, mass=True)  # fmt: skip
     records = read_results(run_eval(run, load_model=lambda name, **kw: (model, tok), integration=hf))
@@ -392,13 +396,8 @@ def test_thresholds_in_a_method_spec(tmp_path) -> None:
 
 
 def test_per_head_thresholds_reach_a_real_model(tmp_path) -> None:
-    transformers = pytest.importorskip("transformers")
     hf = pytest.importorskip("xattention.integrations.hf")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    tok = WordTokenizer(vocab_size=512)
+    model, tok = _tiny_llama()
     low, high = _thresholds_file(tmp_path / "low.json", 0.3), _thresholds_file(tmp_path / "high.json", 1.0)
     run = config(tmp_path, tasks="passkey", lengths="512", samples=1, max_new_tokens=3, mass=True,
                  methods=f"xattention:threshold=0.3,xattention:thresholds={low},xattention:thresholds={high}")  # fmt: skip

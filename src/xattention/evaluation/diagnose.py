@@ -184,16 +184,6 @@ def answer_positions(tokenizer: Any, sample: Sample) -> list[int]:
 # attention on the needle
 
 
-def _layer_scales(model: Any) -> dict[int, float]:
-    """``layer_idx -> scaling`` of the modules that carry both (the attention modules)."""
-    scales: dict[int, float] = {}
-    for module in model.modules():
-        idx, scaling = getattr(module, "layer_idx", None), getattr(module, "scaling", None)
-        if isinstance(idx, int) and isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-            scales.setdefault(idx, float(scaling))
-    return scales
-
-
 def _device_of(model: Any) -> Any:
     import torch
 
@@ -225,6 +215,7 @@ def needle_attention(
     """
     import torch
 
+    from ..calibration import attention_scales
     from ..integrations.hf import capture_qk
     from ..kernels.reference import token_visibility
     from ..methods.dense import Dense
@@ -235,7 +226,7 @@ def needle_attention(
     length = len(sample.input_ids)
     if any(not 0 <= p < length for p in positions):
         raise ValueError(f"answer positions must lie in [0, {length})")
-    scales = _layer_scales(model)
+    scales = attention_scales(model)
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         input_ids = torch.tensor([sample.input_ids], dtype=torch.long, device=device)

@@ -254,9 +254,6 @@ def case_xattention_per_head_threshold_shared_mask(ctx: Ctx) -> None:
     thr = torch.tensor([0.5, 0.7, 0.9, 0.95, 0.6, 0.8])
     method = xa.XAttention(block_size=16, stride=8, threshold=thr, shared_kv_mask=True, min_seq_len=0)
     _compare(ctx, method, length=190, layout="contiguous", hq=6, hkv=2)
-    # the last rows kept whole: zigzag puts the final rows on the first and the last rank
-    method = xa.XAttention(block_size=16, stride=8, threshold=0.5, dense_final_rows=3, min_seq_len=0)
-    _compare(ctx, method, length=190, layout="zigzag", hq=6, hkv=2)
 
 
 def case_xattention_bf16(ctx: Ctx) -> None:

@@ -242,24 +242,3 @@ def test_smaller_threshold_is_sparser_on_structured_input() -> None:
     dense = xa.XAttention(block_size=32, stride=8, threshold=1.0).estimate(q, k).density()
     sparse = xa.XAttention(block_size=32, stride=8, threshold=0.5).estimate(q, k).density()
     assert sparse < dense
-
-
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-@pytest.mark.parametrize("lq,lk", [(200, 200), (90, 250)])
-def test_dense_final_rows_keeps_the_last_rows_whole(backend: str, lq: int, lk: int) -> None:
-    pytest.importorskip("triton")
-    torch.manual_seed(3)
-    q, k = torch.randn(2, 4, lq, 32), torch.randn(2, 2, lk, 32)
-    base = xa.XAttention(block_size=16, stride=4, threshold=0.5, min_seq_len=0)
-    plain = base.estimate(q, k, backend=backend)
-    kept = xa.XAttention(block_size=16, stride=4, threshold=0.5, min_seq_len=0, dense_final_rows=2).estimate(
-        q, k, backend=backend
-    )
-    visible = plain.visible()
-    assert not torch.equal(plain.mask[..., -2:, :], visible[-2:].expand_as(plain.mask[..., -2:, :]))  # sparse before
-    assert torch.equal(kept.mask[..., :-2, :], plain.mask[..., :-2, :])  # other rows untouched
-    assert torch.equal(kept.mask[..., -2:, :], visible[-2:].expand_as(kept.mask[..., -2:, :]))  # exactly the visible
-    assert kept.density() > plain.density()
-    for bad in (-1, True, 1.5):
-        with pytest.raises(ValueError, match="dense_final_rows"):
-            xa.XAttention(dense_final_rows=bad)

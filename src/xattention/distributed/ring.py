@@ -360,7 +360,7 @@ def _xattention_rows(
     mask = ref.select_blocks_masked(scores, thresholds, forced=forced, visible=visible)
     if mask.shape[1] != hq:
         mask = mask.repeat_interleave(hq // hkv, dim=1)
-    return method.keep_final_rows(mask, rows, q_len=length, k_len=length, causal=causal)
+    return mask
 
 
 def _estimate_rows(

@@ -30,11 +30,6 @@ class XAttention(Method):
         threshold: ``tau`` in ``(0, 1]``, a float or a per-query-head tensor ``[Hq]`` (default 0.9).
         shared_kv_mask: choose one mask per GQA group from the group's mean block scores (threshold: the group's
             largest), so the attention kernel loads each K/V block once per group. Off by default.
-        dense_final_rows: keep every visible block of the last this-many query-block rows (default 0: none). A row is
-            selected for the attention mass of all its ``b`` queries, but the prompt's last token alone produces the
-            first answer token; on short retrieval prompts the needle's block can fall under the threshold of the last
-            row while that token needs it (``xattention eval diagnose`` measures this). One row costs ``1/Qb`` of the
-            blocks.
     """
 
     name: ClassVar[str] = "xattention"
@@ -42,7 +37,6 @@ class XAttention(Method):
     stride: int = 8
     threshold: float | Tensor = 0.9
     shared_kv_mask: bool = False
-    dense_final_rows: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,8 +55,6 @@ class XAttention(Method):
                 raise ValueError(f"threshold values must lie in (0, 1], got {self.threshold.tolist()}")
         else:
             check_fraction("threshold", self.threshold)  # or a per-head tensor [Hq], checked above
-        if isinstance(self.dense_final_rows, bool) or not isinstance(self.dense_final_rows, int) or self.dense_final_rows < 0:
-            raise ValueError(f"dense_final_rows must be a non-negative int, got {self.dense_final_rows!r}")
 
     def head_thresholds(self, num_heads: int, device: torch.device) -> Tensor:
         """float64 ``[Hq]`` thresholds, checking a per-head tensor's length against ``num_heads``.
@@ -106,17 +98,4 @@ class XAttention(Method):
         mask = selection.select_blocks(scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal)
         if mask.shape[1] != hq:
             mask = mask.repeat_interleave(hq // hkv, dim=1)
-        rows = torch.arange(mask.shape[2], device=mask.device)
-        mask = self.keep_final_rows(mask, rows, q_len=lq, k_len=lk, causal=causal)
         return BlockMask(mask, self.block_size, lq, lk, causal)
-
-    def keep_final_rows(self, mask: Tensor, rows: Tensor, *, q_len: int, k_len: int, causal: bool) -> Tensor:
-        """``mask`` (bool ``[B, H, R, Kb]`` for the query-block rows ``rows`` of a ``q_len x k_len`` problem) with every
-        visible block kept in the last ``dense_final_rows`` rows of the problem."""
-        if self.dense_final_rows == 0:
-            return mask
-        from ..kernels.reference import block_rows_geometry
-
-        _, visible = block_rows_geometry(q_len, k_len, self.block_size, rows, causal=causal, device=mask.device)
-        final = rows >= -(-q_len // self.block_size) - self.dense_final_rows
-        return mask | (visible & final[:, None])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -74,3 +75,16 @@ def test_methods_table() -> None:
     row = {"length": 32768, "method": "streaming", "density": 0.1, "mass_kept": 0.8, "estimate_ms": 0.1,
            "attend_ms": 1.0, "end_to_end_ms": 1.1, "speedup_vs_cudnn": 9.0}  # fmt: skip
     assert "| 32768 | streaming | 0.100 | 0.800 | 0.10 | 1.00 | 1.10 | 9.00x |" in format_table({"rows": [row]})
+
+
+def test_records_are_written_by_device_and_date(tmp_path) -> None:
+    from xattention.benchmarks.records import device_stem, write_record
+
+    record = {"gpu": "NVIDIA H200", "device": "cpu", "date": "2026-11-29", "rows": [1, 2]}
+    assert device_stem(record, "kernels") == "nvidia-h200-2026-11-29-kernels"
+    assert device_stem(record, "cp-w2", device_key="device") == "cpu-2026-11-29-cp-w2"
+    plotted = []
+    path = write_record(record, tmp_path / "a" / "b", "x", lambda rec, png: plotted.append((rec, png)))
+    assert path == tmp_path / "a" / "b" / "x.json" and json.loads(path.read_text()) == record
+    assert plotted == [(record, tmp_path / "a" / "b" / "x.png")]
+    assert write_record(record, tmp_path, "y") == tmp_path / "y.json" and not (tmp_path / "y.png").exists()

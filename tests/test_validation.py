@@ -250,3 +250,14 @@ def test_method_from_spec_builds_the_right_object() -> None:
 def test_method_from_spec_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         xa.method_from_spec(spec)
+
+
+def test_parse_spec_splits_name_and_items() -> None:
+    from xattention.methods.registry import parse_spec
+
+    assert parse_spec(" XAttention : threshold = 0.5 ,stride=8, ") == ("xattention", [("threshold", "0.5"), ("stride", "8")])
+    assert parse_spec("dense") == ("dense", [])
+    assert parse_spec("xattention:thresholds=runs/t-a=b.json") == ("xattention", [("thresholds", "runs/t-a=b.json")])
+    for bad in ("xattention:threshold", "xattention:=0.5"):
+        with pytest.raises(ValueError, match="not of the form key=value"):
+            parse_spec(bad)

@@ -38,6 +38,7 @@ import torch
 
 from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
+from .records import device_stem
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -302,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
             iters=args.iters, single=not args.no_single, check=args.check, passes=args.passes, seed=args.seed,
         )  # fmt: skip
         if dist.get_rank() == 0:
-            name = f"{record['device'].replace(' ', '-').lower()}-{record['date']}-context-parallel-w{record['world_size']}"
+            name = device_stem(record, f"context-parallel-w{record['world_size']}", device_key="device")
             out = Path(args.out) if args.out else Path("benchmarks/results") / f"{name}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=1))

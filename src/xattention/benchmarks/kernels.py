@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import math
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from .._parsing import parse_lengths
+from .records import device_stem, write_record
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -251,13 +251,9 @@ def main(args: argparse.Namespace) -> int:
         with_flex=not args.no_flex,
         rep_ms=args.rep_ms,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['gpu'].replace(' ', '-').lower()}-{record['date']}-kernels"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    plot(record, out / f"{stem}.png")
+    path = write_record(record, args.out, device_stem(record, "kernels"), plot)
     print(format_table(record))
-    print(f"wrote {out / stem}.json and .png")
+    print(f"wrote {path} and .png")
     return 0
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +18,7 @@ import torch
 from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
 from .kernels import _bench
+from .records import device_stem, write_record
 
 __all__ = ["DEFAULT_METHODS", "add_arguments", "main", "run"]
 
@@ -127,11 +126,9 @@ def main(args: argparse.Namespace) -> int:
         parse_lengths(args.lengths), specs, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
         rep_ms=args.rep_ms,
     )  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{record['gpu'].replace(' ', '-').lower()}-{record['date']}-methods"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    path = write_record(record, args.out, device_stem(record, "methods"))
     print(format_table(record))
+    print(f"wrote {path}")
     return 0
 
 

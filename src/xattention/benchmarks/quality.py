@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import sys
 import time
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from .records import write_record
 
 __all__ = ["DEFAULT_SWEEPS", "THRESHOLDS", "add_arguments", "format_table", "main", "plot", "run", "sweep"]
 
@@ -203,13 +204,10 @@ def main(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     record = run(args.model, args.length, args.prompts, tasks=tasks, seed=args.seed, device=device,
                  block_size=args.block_size)  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"quality-{Path(str(args.model)).stem.lower()}-{torch.device(device).type}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    plot(record, out / f"{stem}.png")
+    path = write_record(record, args.out, stem, plot)
     print(format_table(record))
-    print(f"wrote {out / stem}.json and .png in {record['seconds']:.0f} s")
+    print(f"wrote {path} and .png in {record['seconds']:.0f} s")
     return 0
 
 

@@ -96,24 +96,13 @@ def _diagnose(out: str, args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .._parsing import parse_lengths
-    from .runner import RESULTS_FILE, parse_methods
 
-    # checked before anything loads: one method (other than dense), one length, an existing results file
+    # diagnose() checks the method, the results file and --max-samples before it loads the model; a length list is ours
     if not args.methods:
         raise ValueError("diagnose needs --methods with exactly one method label, e.g. --methods xattention:threshold=0.9")
-    methods = parse_methods(",".join(args.methods))
-    if len(methods) != 1:
-        raise ValueError(f"diagnose takes exactly one method, got {len(methods)}: {', '.join(m for m, _ in methods)}")
-    label = methods[0][0]
-    if label == "dense":
-        raise ValueError("diagnose compares a sparse method with dense; give a method other than dense")
     lengths = parse_lengths(args.lengths)
     if len(lengths) != 1:
         raise ValueError(f"diagnose takes exactly one length, got {len(lengths)}: give e.g. --lengths 1k")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ValueError(f"--max-samples must be positive, got {args.max_samples}")
-    if not (Path(out) / RESULTS_FILE).is_file():
-        raise ValueError(f"no {RESULTS_FILE} in {out}")
 
     import json
 
@@ -121,13 +110,14 @@ def _diagnose(out: str, args: argparse.Namespace) -> int:
 
     result = diagnose(
         out,
-        method_label=label,
+        method_label=",".join(args.methods),
         length=lengths[0],
         max_samples=args.max_samples,
         progress=not args.no_progress,
         base_seed=args.seed,
         chat_template=args.chat_template,
     )
+    label = result["method"]
     stem = f"diagnose-{lengths[0]}-{_sanitise(label)}"
     markdown = format_diagnosis(result)
     (Path(out) / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -184,15 +184,6 @@ def answer_positions(tokenizer: Any, sample: Sample) -> list[int]:
 # attention on the needle
 
 
-def _device_of(model: Any) -> Any:
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def needle_attention(
     model: Any,
     tokenizer: Any,
@@ -219,6 +210,7 @@ def needle_attention(
     from ..integrations.hf import capture_qk
     from ..kernels.reference import token_visibility
     from ..methods.dense import Dense
+    from .runner import _device_of
 
     if positions is None:
         positions = answer_positions(tokenizer, sample)

@@ -227,10 +227,11 @@ def method_family(label: str) -> tuple[str, str]:
     ``"xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.9.json"`` -> ``("xattention:stride=8 per-head",
     "mass0.9")`` (the file name's last ``-`` part); ``"dense"`` -> ``("dense", "")``.
     """
-    name, _, rest = label.partition(":")
-    params = [item.partition("=") for item in rest.split(",") if item]
-    fixed = [f"{k}={v}" for k, _, v in params if k not in _SWEPT]
-    swept = {k: v for k, _, v in params if k in _SWEPT}
+    from ..methods.registry import parse_spec
+
+    name, params = parse_spec(label)
+    fixed = [f"{k}={v}" for k, v in params if k not in _SWEPT]
+    swept = {k: v for k, v in params if k in _SWEPT}
     family = name + (":" + ",".join(fixed) if fixed else "")
     if "thresholds" in swept:
         return family + " per-head", Path(swept["thresholds"]).stem.rsplit("-", 1)[-1]

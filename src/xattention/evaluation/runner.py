@@ -42,7 +42,7 @@ from typing import Any
 
 from .._parsing import parse_lengths
 from ..methods import Method, method_from_spec
-from ..methods.registry import split_method_specs
+from ..methods.registry import parse_spec, split_method_specs
 from .scoring import score
 from .tasks import TASKS, Sample, SampleGenerator, resolve_tasks, sample_seed
 
@@ -103,13 +103,17 @@ def method_thresholds(label: str) -> str | None:
 
 
 def _without_thresholds(label: str) -> tuple[str, str | None]:
-    name, _, rest = label.partition(":")
-    items = [item for item in rest.split(",") if item]
-    paths = [item.partition("=")[2] for item in items if item.partition("=")[0] == "thresholds"]
+    """``(the spec without thresholds=, the thresholds path or None)``; ``ValueError`` if it also gives threshold=."""
+    name, items = parse_spec(label)
+    paths = [value for key, value in items if key == "thresholds"]
+    if not paths:
+        return label, None
     if len(paths) > 1:
         raise ValueError(f"{label!r} gives thresholds= more than once")
-    kept = ",".join(item for item in items if item.partition("=")[0] != "thresholds")
-    return (f"{name}:{kept}" if kept else name), (paths[0] if paths else None)
+    if any(key == "threshold" for key, _ in items):
+        raise ValueError(f"{label!r}: give threshold= (one for every head) or thresholds=PATH (per head), not both")
+    kept = ",".join(f"{key}={value}" for key, value in items if key != "thresholds")
+    return (f"{name}:{kept}" if kept else name), paths[0]
 
 
 def _check_thresholds_file(label: str, method: Method, path: str) -> None:
@@ -117,8 +121,6 @@ def _check_thresholds_file(label: str, method: Method, path: str) -> None:
 
     if not hasattr(method, "threshold"):
         raise ValueError(f"{label!r}: {type(method).__name__} has no threshold, so per-head thresholds cannot apply")
-    if "threshold=" in label.replace("thresholds=", ""):
-        raise ValueError(f"{label!r}: give threshold= (one for every head) or thresholds=PATH (per head), not both")
     if not Path(path).is_file():
         raise ValueError(f"{label!r}: thresholds file {path} does not exist (make one with xattention calibrate)")
     load_thresholds(path)  # a malformed file fails here, before any model loads; its shape is checked by apply

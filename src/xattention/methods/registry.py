@@ -13,7 +13,7 @@ from .streaming import Streaming
 from .vertical_slash import VerticalSlash
 from .xattention import XAttention
 
-__all__ = ["METHODS", "method_from_spec", "split_method_specs"]
+__all__ = ["METHODS", "method_from_spec", "parse_spec", "split_method_specs"]
 
 METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Dense, XAttention, Streaming, VerticalSlash, FlexPrefill, Oracle)}
 
@@ -36,22 +36,30 @@ def method_from_spec(spec: str, **defaults: Any) -> Method:
     ``defaults`` fill parameters the spec leaves out (e.g. ``min_seq_len=0`` for accuracy studies). Unknown names or
     parameters raise ``ValueError`` listing what exists.
     """
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
+    name, items = parse_spec(spec)
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     allowed = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k in allowed}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"method parameter {item!r} in {spec!r} is not of the form key=value")
+    for key, value in items:
         if key not in allowed:
             raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(sorted(allowed))}")
-        kwargs[key] = _parse_value(value.strip())
+        kwargs[key] = _parse_value(value)
     return cls(**kwargs)
+
+
+def parse_spec(spec: str) -> tuple[str, list[tuple[str, str]]]:
+    """``"name:key=value,key=value"`` -> ``("name", [("key", "value"), ...])``: the name lower-cased, everything
+    stripped, values left as text. An item that is not ``key=value`` raises ``ValueError``."""
+    name, _, rest = spec.strip().partition(":")
+    items = []
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"method parameter {item!r} in {spec!r} is not of the form key=value")
+        items.append((key.strip(), value.strip()))
+    return name.strip().lower(), items
 
 
 def split_method_specs(text: str) -> list[str]:

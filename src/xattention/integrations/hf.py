@@ -144,23 +144,23 @@ def _real_spans(mask: Tensor, layer: Any) -> list[tuple[int, int, int, int] | No
     raises ``ValueError``.
     """
     k_len = mask.shape[-1]
-    count = mask.sum(dim=-1)  # [B, Lq]
-    as_bytes = mask.to(torch.uint8)
-    first = as_bytes.argmax(dim=-1)
-    last = k_len - 1 - as_bytes.flip(-1).argmax(dim=-1)
-    del as_bytes
     spans: list[tuple[int, int, int, int] | None] = []
-    for b in range(mask.shape[0]):
-        rows = (count[b] > 0).nonzero().flatten()
+    for b in range(mask.shape[0]):  # one element at a time: temporaries stay at [Lq, Lk], not [B, Lq, Lk] int64
+        as_bytes = mask[b].to(torch.uint8)
+        count = as_bytes.sum(dim=-1, dtype=torch.int32)  # [Lq]
+        first = as_bytes.argmax(dim=-1)
+        last = k_len - 1 - as_bytes.flip(-1).argmax(dim=-1)
+        del as_bytes
+        rows = (count > 0).nonzero().flatten()
         if rows.numel() == 0:
             spans.append(None)
             continue
         i0 = int(rows[0])
-        e = int(last[b, rows].max())
-        i1 = int((last[b, i0:] == e).nonzero()[0]) + i0
-        s = int(first[b, i1])
+        e = int(last[rows].max())
+        i1 = int((last[i0:] == e).nonzero()[0]) + i0
+        s = int(first[i1])
         n = i1 - i0 + 1
-        real_first, real_last, real_count = first[b, i0 : i1 + 1], last[b, i0 : i1 + 1], count[b, i0 : i1 + 1]
+        real_first, real_last, real_count = first[i0 : i1 + 1], last[i0 : i1 + 1], count[i0 : i1 + 1]
         expected_last = torch.arange(e - n + 1, e + 1, device=mask.device)
         ok = (
             e - n + 1 >= s

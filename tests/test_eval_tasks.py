@@ -21,6 +21,7 @@ from xattention.evaluation.tasks import (
     TASK_GROUPS,
     TASKS,
     SampleGenerator,
+    _build_cwe,
     _fit,
     depth_for_index,
     resolve_tasks,
@@ -210,6 +211,26 @@ def test_cwe_references_are_the_most_common_words() -> None:
         assert set(s.references) == {w for w, _ in ranked[:10]}
         assert ranked[9][1] > ranked[10][1]
         assert ranked[0][1] == (30 if length >= 4096 else 6)
+
+
+class CharTokenizer(WordTokenizer):
+    """Every letter and digit a token: far more tokens per list item than RULER's tokenizers (Gemma splits digits)."""
+
+    def _tokens(self, text: str) -> list[str]:
+        return re.findall(r"\w|[^\w\s]", text)
+
+
+def test_cwe_falls_back_to_the_short_lists_when_the_long_ones_do_not_fit() -> None:
+    gen = SampleGenerator(CharTokenizer())
+    with pytest.raises(ValueError, match="smallest prompt"):  # the 30x lists alone overflow 4K with this tokenizer
+        gen._fit_draft(_build_cwe(TASKS["cwe"].params, random.Random(0), True, 0), 3976, ("cwe", 4096))
+    for length, top in ((4096, 6), (8192, 30)):
+        s = gen.generate("cwe", length, 3)
+        assert len(s.input_ids) <= length - s.max_new_tokens
+        listing = context_of(s.prompt, "Memorize the ones that appear most often.\n", "\nQuestion:")
+        ranked = Counter(re.findall(r"\d+\. (\S+)", listing)).most_common()
+        assert set(s.references) == {w for w, _ in ranked[:10]} and ranked[0][1] == top
+        assert SampleGenerator(CharTokenizer()).generate("cwe", length, 3).prompt == s.prompt  # deterministic
 
 
 def test_fwe_references_are_the_most_frequent_coded_words() -> None:

@@ -324,10 +324,10 @@ def _cwe_list(words: Sequence[str], num_cw: int, freq_cw: int, freq_ucw: int, sh
     return _numbered(items), common
 
 
-def _build_cwe(p: Mapping[str, Any], rng: random.Random, length: int, seed: int) -> _Draft:
+def _build_cwe(p: Mapping[str, Any], rng: random.Random, long_lists: bool, seed: int) -> _Draft:
+    """RULER's lists: below 4K tokens 6x/1x (example 20 words, 3x/1x); from 4K on 30x/3x (example 40 words, 10x/3x)."""
     num_cw = p["num_cw"]
-    # RULER: below 4K tokens the list is 6x/1x (example 20 words, 3x/1x); from 4K on 30x/3x (example 40 words, 10x/3x)
-    if length < 4096:
+    if not long_lists:
         freq_cw, freq_ucw, ex_words, ex_cw, ex_ucw = 6, 1, 20, 3, 1
     else:
         freq_cw, freq_ucw, ex_words, ex_cw, ex_ucw = p["freq_cw"], p["freq_ucw"], 40, 10, 3
@@ -471,6 +471,7 @@ class SampleGenerator:
         self.max_new_tokens = max_new_tokens
         self._hints: dict[tuple[str, int], int] = {}
         self._icl_noise: dict[int, int] = {}
+        self._short_cwe: set[tuple[str, int]] = set()
 
     def budget(self, task: str, length: int) -> int:
         """Prompt tokens allowed: ``length - max_new_tokens``."""
@@ -495,7 +496,7 @@ class SampleGenerator:
         elif spec.kind == "vt":
             draft = _build_vt(spec.params, rng, depth, self._vt_icl_noise(length))
         elif spec.kind == "cwe":
-            draft = _build_cwe(spec.params, rng, length, seed)
+            draft = _build_cwe(spec.params, rng, length >= 4096, seed)
         elif spec.kind == "fwe":
             draft = _build_fwe(spec.params, rng, length, seed)
         elif spec.kind == "passkey":
@@ -503,18 +504,21 @@ class SampleGenerator:
         else:  # pragma: no cover - TASKS only holds the kinds above
             raise ValueError(f"unknown task kind {spec.kind!r}")
 
-        cache: dict[int, tuple[str, list[int]]] = {}
-
-        def tokens(size: int) -> int:
-            if size not in cache:
-                text = self.formatter.format(*draft.render(size))
-                cache[size] = (text, self.formatter.encode(text))
-            return len(cache[size][1])
-
         try:
-            size = _fit(tokens, budget, draft.min_size, draft.max_size, self._hints.get((task, length)))
+            size, tokens, cache = self._fit_draft(draft, budget, (task, length))
         except ValueError as exc:
-            raise ValueError(f"length {length} is too short for {task}: {exc}") from None
+            if spec.kind != "cwe" or length < 4096:
+                raise ValueError(f"length {length} is too short for {task}: {exc}") from None
+            # A tokenizer that spends more tokens per list item than RULER's (Gemma splits numbers into digits) cannot
+            # fit the 30x lists near 4K: take RULER's short-context lists, as RULER does below 4K.
+            if (task, length) not in self._short_cwe:
+                logger.warning("cwe at %d: the 30x/3x lists do not fit (%s); using RULER's 6x/1x lists", length, exc)
+                self._short_cwe.add((task, length))
+            draft = _build_cwe(spec.params, random.Random(seed), False, seed)
+            try:
+                size, tokens, cache = self._fit_draft(draft, budget, (task, length))
+            except ValueError as exc2:
+                raise ValueError(f"length {length} is too short for {task}: {exc2}") from None
         self._hints[(task, length)] = size
         if draft.max_size is not None and size == draft.max_size and tokens(size) < budget:
             logger.warning("%s at %d: haystack exhausted at %d of %d prompt tokens", task, length, tokens(size), budget)
@@ -532,6 +536,20 @@ class SampleGenerator:
             size=size,
             depth=draft.depth,
         )
+
+    def _fit_draft(
+        self, draft: _Draft, budget: int, key: tuple[str, int]
+    ) -> tuple[int, Callable[[int], int], dict[int, tuple[str, list[int]]]]:
+        """The largest haystack size of ``draft`` within ``budget`` tokens, its token counter and the rendered cache."""
+        cache: dict[int, tuple[str, list[int]]] = {}
+
+        def tokens(size: int) -> int:
+            if size not in cache:
+                text = self.formatter.format(*draft.render(size))
+                cache[size] = (text, self.formatter.encode(text))
+            return len(cache[size][1])
+
+        return _fit(tokens, budget, draft.min_size, draft.max_size, self._hints.get(key)), tokens, cache
 
     def _vt_icl_noise(self, length: int) -> int:
         """Noise lines of vt's solved example: RULER fits it in 500 tokens; we also cap it at a quarter of the length."""

@@ -11,6 +11,7 @@ import pytest
 from test_eval_runner import EchoModel, FakeIntegration
 from test_eval_tasks import WordTokenizer
 from xattention import cli
+from xattention.models import TokenizerMismatchError
 
 
 def fake_models(load_model) -> types.SimpleNamespace:
@@ -67,6 +68,16 @@ def test_missing_out_and_stray_arguments(capsys, no_model) -> None:
     assert "--out DIR is required" in capsys.readouterr().err
     assert cli.main(["eval", "summarize", "x"]) == 2
     assert "xattention eval report DIR" in capsys.readouterr().err
+
+
+def test_a_tokenizer_transformers_cannot_read_fails_in_one_line(tmp_path, capsys, monkeypatch) -> None:
+    def load_model(name, **kwargs):
+        raise TokenizerMismatchError("the tokenizer transformers 5.17.0 built splits 196 of 200 whole-word tokens")
+
+    monkeypatch.setitem(sys.modules, "xattention.models", fake_models(load_model))
+    args = ["eval", "--tasks", "passkey", "--lengths", "1k", "--samples", "1", "--out", str(tmp_path), "--no-progress"]
+    assert cli.main(args) == 1
+    assert "xattention eval: error: the tokenizer transformers 5.17.0 built splits 196" in capsys.readouterr().err
 
 
 def test_run_then_report(tmp_path, capsys, monkeypatch) -> None:

@@ -178,3 +178,34 @@ def test_default_model_threshold_one_generates_like_dense() -> None:
         xa.remove(model)
     assert len(stats) == 30 and all(s["density"] == pytest.approx(1.0) for s in stats)  # the sparse path ran
     assert torch.equal(sparse, dense)
+
+
+class _PieceTokenizer:
+    """A vocabulary of whole-word pieces; ``broken`` encodes every word letter by letter, as a wrong conversion does."""
+
+    def __init__(self, broken: bool, sep: str = "\u2581") -> None:
+        letters = [sep + c for c in "abcdefghijklmnopqrstuvwxyz"] + list("abcdefghijklmnopqrstuvwxyz")
+        words = [a + b + "ions" for a in "bcdfg" for b in "aeiou"]  # 25 whole-word pieces
+        self.pieces = ["<pad>", "<bos>", *letters, *(sep + w for w in words)]
+        self.sep, self.broken = sep, broken
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        word = text.strip()
+        if not self.broken and self.sep + word in self.pieces:
+            return [self.pieces.index(self.sep + word)]
+        return [self.pieces.index(self.sep + word[0])] + [self.pieces.index(c) for c in word[1:]]
+
+
+@pytest.mark.parametrize("sep", ["\u2581", "\u0120"])
+def test_check_tokenizer_vocabulary(sep) -> None:
+    models.check_tokenizer_vocabulary(_PieceTokenizer(broken=False, sep=sep))
+    with pytest.raises(models.TokenizerMismatchError, match=r"splits 25 of 25 whole-word tokens"):
+        models.check_tokenizer_vocabulary(_PieceTokenizer(broken=True, sep=sep))
+    # too few whole-word pieces to judge: not checked
+    models.check_tokenizer_vocabulary(_PieceTokenizer(broken=True, sep=sep), words=10)

@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from xattention.models import TokenizerMismatchError
+
 __all__ = ["main"]
 
 # name -> (module, one-line help)
@@ -55,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:  # bad arguments found after parsing: one clear line, no traceback
         print(f"xattention {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TokenizerMismatchError as exc:  # the installed transformers cannot read this model's tokenizer
+        print(f"xattention {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

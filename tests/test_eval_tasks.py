@@ -214,7 +214,7 @@ def test_cwe_references_are_the_most_common_words() -> None:
 
 
 class CharTokenizer(WordTokenizer):
-    """Every letter and digit a token: far more tokens per list item than RULER's tokenizers (Gemma splits digits)."""
+    """Every letter and digit a token: far more tokens per list item than RULER's tokenizers."""
 
     def _tokens(self, text: str) -> list[str]:
         return re.findall(r"\w|[^\w\s]", text)

@@ -509,10 +509,12 @@ class SampleGenerator:
         except ValueError as exc:
             if spec.kind != "cwe" or length < 4096:
                 raise ValueError(f"length {length} is too short for {task}: {exc}") from None
-            # A tokenizer that spends more tokens per list item than RULER's (Gemma splits numbers into digits) cannot
-            # fit the 30x lists near 4K: take RULER's short-context lists, as RULER does below 4K.
+            # A tokenizer that spends more tokens per list item than RULER's (digits one by one, or transformers 5.17's
+            # broken Gemma tokenizer) may not fit the 30x lists near 4K: take RULER's short-context lists, as below 4K.
             if (task, length) not in self._short_cwe:
-                logger.warning("cwe at %d: the 30x/3x lists do not fit (%s); using RULER's 6x/1x lists", length, exc)
+                logger.warning(
+                    "cwe at %d: the 30x/3x lists do not fit (%s); using RULER's 6x/1x lists for such samples", length, exc
+                )
                 self._short_cwe.add((task, length))
             draft = _build_cwe(spec.params, random.Random(seed), False, seed)
             try:

@@ -207,5 +207,17 @@ def test_check_tokenizer_vocabulary(sep) -> None:
     models.check_tokenizer_vocabulary(_PieceTokenizer(broken=False, sep=sep))
     with pytest.raises(models.TokenizerMismatchError, match=r"splits 25 of 25 whole-word tokens"):
         models.check_tokenizer_vocabulary(_PieceTokenizer(broken=True, sep=sep))
-    # too few whole-word pieces to judge: not checked
-    models.check_tokenizer_vocabulary(_PieceTokenizer(broken=True, sep=sep), words=10)
+    # fewer than 20 whole-word pieces in the vocabulary: too few to judge, not checked
+    short = _PieceTokenizer(broken=True, sep=sep)
+    short.pieces = short.pieces[:-10]  # 15 whole-word pieces left
+    models.check_tokenizer_vocabulary(short)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"words": 10}, "words must be an integer of at least 20"), ({"words": 20.5}, "words must be an integer"),
+     ({"min_fraction": 0.0}, r"min_fraction must lie in \(0, 1\]"), ({"min_fraction": 1.5}, "min_fraction")],
+)  # fmt: skip
+def test_check_tokenizer_vocabulary_rejects_bad_arguments(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        models.check_tokenizer_vocabulary(_PieceTokenizer(broken=False), **kwargs)

@@ -54,12 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args._main(args) or 0)
-    except ValueError as exc:  # bad arguments found after parsing: one clear line, no traceback
+    # bad arguments found after parsing (exit 2), or an installed transformers that cannot read the model's tokenizer
+    # (exit 1): one clear line, no traceback
+    except (ValueError, TokenizerMismatchError) as exc:
         print(f"xattention {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except TokenizerMismatchError as exc:  # the installed transformers cannot read this model's tokenizer
-        print(f"xattention {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ValueError) else 1
 
 
 if __name__ == "__main__":

@@ -108,8 +108,12 @@ def check_tokenizer_vocabulary(tokenizer: Any, *, words: int = 200, min_fraction
     gemma-3's: ``" apple"`` becomes ``▁a pp le``, and no BOS): the model then reads text it was never trained on.
     Takes the first ``words`` pieces of the form ``▁word``/``Ġword`` (5+ lowercase letters) and requires at least
     ``min_fraction`` of them to encode, with or without the leading space, to their own single id. Vocabularies with
-    fewer than 20 such pieces are not checked.
+    fewer than 20 such pieces are not checked. ``words`` below 20 or ``min_fraction`` outside (0, 1] raise ``ValueError``.
     """
+    if isinstance(words, bool) or not isinstance(words, int) or words < 20:
+        raise ValueError(f"words must be an integer of at least 20, got {words!r}")
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must lie in (0, 1], got {min_fraction!r}")
     vocab_size = len(tokenizer)
     found: list[tuple[int, str]] = []
     for start in range(0, vocab_size, 4096):

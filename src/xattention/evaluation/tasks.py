@@ -471,7 +471,7 @@ class SampleGenerator:
         self.max_new_tokens = max_new_tokens
         self._hints: dict[tuple[str, int], int] = {}
         self._icl_noise: dict[int, int] = {}
-        self._short_cwe: set[tuple[str, int]] = set()
+        self._fallbacks_logged: set[tuple[str, int]] = set()
 
     def budget(self, task: str, length: int) -> int:
         """Prompt tokens allowed: ``length - max_new_tokens``."""
@@ -491,12 +491,17 @@ class SampleGenerator:
         seed = sample_seed(self.base_seed, task, length, index)
         rng = random.Random(seed)
         depth = depth_for_index(index)
+        fallback: Callable[[], _Draft] | None = None  # a draft to try when ``draft`` does not fit even at its smallest
         if spec.kind == "niah":
             draft = _build_niah(spec.params, rng, depth, seed)
         elif spec.kind == "vt":
             draft = _build_vt(spec.params, rng, depth, self._vt_icl_noise(length))
         elif spec.kind == "cwe":
             draft = _build_cwe(spec.params, rng, length >= 4096, seed)
+            if length >= 4096:
+                # A tokenizer that spends more tokens per list item than RULER's (digits one by one, or transformers
+                # 5.17's broken Gemma tokenizer) may not fit the 30x lists near 4K: then RULER's below-4K lists.
+                fallback = lambda: _build_cwe(spec.params, random.Random(seed), False, seed)
         elif spec.kind == "fwe":
             draft = _build_fwe(spec.params, rng, length, seed)
         elif spec.kind == "passkey":
@@ -504,23 +509,17 @@ class SampleGenerator:
         else:  # pragma: no cover - TASKS only holds the kinds above
             raise ValueError(f"unknown task kind {spec.kind!r}")
 
-        try:
-            size, tokens, cache = self._fit_draft(draft, budget, (task, length))
-        except ValueError as exc:
-            if spec.kind != "cwe" or length < 4096:
-                raise ValueError(f"length {length} is too short for {task}: {exc}") from None
-            # A tokenizer that spends more tokens per list item than RULER's (digits one by one, or transformers 5.17's
-            # broken Gemma tokenizer) may not fit the 30x lists near 4K: take RULER's short-context lists, as below 4K.
-            if (task, length) not in self._short_cwe:
-                logger.warning(
-                    "cwe at %d: the 30x/3x lists do not fit (%s); using RULER's 6x/1x lists for such samples", length, exc
-                )
-                self._short_cwe.add((task, length))
-            draft = _build_cwe(spec.params, random.Random(seed), False, seed)
+        while True:
             try:
                 size, tokens, cache = self._fit_draft(draft, budget, (task, length))
-            except ValueError as exc2:
-                raise ValueError(f"length {length} is too short for {task}: {exc2}") from None
+                break
+            except ValueError as exc:
+                if fallback is None:
+                    raise ValueError(f"length {length} is too short for {task}: {exc}") from None
+                if (task, length) not in self._fallbacks_logged:
+                    logger.warning("%s at %d: %s; falling back to RULER's shorter setting for such samples", task, length, exc)
+                    self._fallbacks_logged.add((task, length))
+                draft, fallback = fallback(), None
         self._hints[(task, length)] = size
         if draft.max_size is not None and size == draft.max_size and tokens(size) < budget:
             logger.warning("%s at %d: haystack exhausted at %d of %d prompt tokens", task, length, tokens(size), budget)

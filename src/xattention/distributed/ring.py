@@ -5,7 +5,8 @@ Every rank holds the q, k, v of its own tokens (a block-aligned shard, see :mod:
 **Selection** (:func:`ring_estimate`). XAttention's block scores are a softmax over *every* visible reshaped key of a row,
 so each rank needs a global row max and sum. K shards travel the ring (V stays home); against each arriving shard a rank
 computes, for its reshaped query rows, the shard's online-softmax statistics (row max, and per key block the sum of
-``exp(score - row max)``; :func:`xattention.kernels.reference.antidiagonal_partial_scores`). After the ring the
+``exp(score - row max)``; the Triton :func:`xattention.kernels.antidiagonal.antidiagonal_partial_scores` on CUDA when
+the block size and stride suit it, else :func:`xattention.kernels.reference.antidiagonal_partial_scores`). After the ring the
 statistics merge into the exact global softmax (:func:`~xattention.kernels.reference.merge_partial_row_stats`), the block
 scores follow, and :func:`~xattention.kernels.reference.select_blocks_masked` selects on the full rows — the same mask a
 single device computes (up to float rounding in the scores). The per-block sums are ``b / S`` times smaller than the
@@ -311,6 +312,12 @@ def _xattention_rows(
     ]
     # per query run: list of (first key block, row_max, sums or row sums)
     parts: list[list[tuple[int, Tensor, Tensor]]] = [[] for _ in q_runs]
+    score_shard: Callable[..., tuple[Tensor, Tensor]] = ref.antidiagonal_partial_scores
+    if resolve_backend("auto", q.device) == "triton":
+        from ..kernels import antidiagonal
+
+        if antidiagonal.unsupported_geometry(b, s) is None:
+            score_shard = antidiagonal.antidiagonal_partial_scores
 
     def shard_stats(origin: int, shard: Tensor, row_max: list[Tensor] | None, keep_sums: bool) -> None:
         for k_run in runs_of(origin):
@@ -320,7 +327,7 @@ def _xattention_rows(
                 qs, qe, q_off = q_run
                 if _pair_relation(q_run, k_run, causal) == "after":
                     continue
-                m, sums = ref.antidiagonal_partial_scores(
+                m, sums = score_shard(
                     q[:, :, q_off : q_off + qe - qs], kc, stride=s, block_size=b, q_start=qs, k_start=ks,
                     q_len=length, k_len=length, causal=causal, scale=scale,
                     row_max=None if row_max is None else row_max[i],

@@ -1,4 +1,5 @@
-"""Triton antidiagonal block scoring (twin of :func:`.reference.antidiagonal_block_scores`).
+"""Triton antidiagonal scoring: twins of :func:`.reference.antidiagonal_block_scores` and
+:func:`.reference.antidiagonal_partial_scores`.
 
 One program per (batch x query head, tile of ``BLOCK_T`` reshaped query rows). It forms ``q~ k~^T`` tile by tile as
 ``S`` strided ``D``-deep products (``q~[t] . k~[u] = sum_i q[tS+i] . k[uS+S-1-i]``, the antidiagonal of each S x S tile),
@@ -6,6 +7,10 @@ keeps an online softmax (running max and sum per row), and writes per key block 
 they were taken against. A second loop in the same program rescales those partials by the final max and sum and adds up
 the ``b/S`` rows of each query block. The ``(L/S)^2`` score matrix never reaches memory; the ``(L/S) x (L/b)`` partials
 (a ``b``-fold reduction of it) do, once each way.
+
+The same kernel scores one shard of the keys for context parallelism (``PARTIAL``): queries and keys are then pieces of
+a longer sequence, related by one causal offset, and the second loop rescales the partials to the row's max (its own,
+or a global one passed in) in place, without dividing by the sum or adding rows up, and writes that max.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["antidiagonal_block_scores"]
+from .reference import _check_shard
+
+__all__ = ["antidiagonal_block_scores", "antidiagonal_partial_scores", "unsupported_geometry"]
 
 LOG2E = 1.4426950408889634
 # Float32 partials held at once across a launch (1 GiB); more heads are processed in successive launches.
@@ -36,33 +43,36 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G"])
+@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G", "PARTIAL"])
 @triton.jit
 def _antidiagonal_scores_fwd(
-    Q, K, Partial, TileMax, Out,
-    sqb, sqh, sql, skb, skh, skl,
-    scale_log2, q_len, k_len, num_heads, head_offset, num_rows, num_cols, num_k_blocks, num_tiles,
+    Q, K, Partial, TileMax, Out, RowMax,
+    sqb, sqh, sql, skb, skh, skl, smb, smh,
+    scale_log2, q_len, k_len, causal_offset, num_heads, head_offset, num_rows, num_k_blocks, num_tiles,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr, GIVEN_MAX: tl.constexpr,
 ):  # fmt: skip
+    # q_len, k_len: tokens in Q and K; reshaped key u is causally visible to reshaped query t when
+    # u*S <= causal_offset + t*S + S - 1. PARTIAL: leave in Partial the sums relative to the row max (log2 units) that
+    # RowMax receives (or holds, GIVEN_MAX); otherwise write block scores to Out.
     pid_bh = tl.program_id(0)  # index within this launch's heads
     n_row_tiles = tl.cdiv(num_rows, BLOCK_T)
     tile = n_row_tiles - 1 - tl.program_id(1)  # long causal rows first
     batch = pid_bh // num_heads
     head = head_offset + pid_bh % num_heads
     kv_head = head // G
-    offset = k_len - q_len
 
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q_base = Q + batch * sqb + head * sqh
     k_base = K + batch * skb + kv_head * skh
+    row_ok = (offs_t * S < q_len) & (offs_t < num_rows)  # padding query rows see no key
 
     n_cols = tl.cdiv(k_len, S)
     if CAUSAL:
         last_t = tl.minimum(tile * BLOCK_T + BLOCK_T, tl.cdiv(q_len, S)) - 1
-        n_cols = tl.minimum(n_cols, (offset + last_t * S + S - 1) // S + 1)
+        n_cols = tl.minimum(n_cols, tl.maximum((causal_offset + last_t * S + S - 1) // S + 1, 0))
     n_tiles = tl.cdiv(n_cols, BLOCK_U)
 
     NB: tl.constexpr = BLOCK_U // R  # key blocks per column tile
@@ -88,14 +98,15 @@ def _antidiagonal_scores_fwd(
             )
             acc = tl.dot(qi, tl.trans(ki), acc)
         s = acc * scale_log2
-        ok = (offs_u * S < k_len)[None, :]
+        ok = row_ok[:, None] & (offs_u * S < k_len)[None, :]
         if CAUSAL:
-            ok = ok & (offs_u[None, :] * S <= offset + offs_t[:, None] * S + S - 1)
+            ok = ok & (offs_u[None, :] * S <= causal_offset + offs_t[:, None] * S + S - 1)
         s = tl.where(ok, s, float("-inf"))
-        # Column 0 is visible to every row, so the running max is finite from the first tile on.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        e = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(e, 1)
+        # A row may see no key of a tile (or of a whole key shard): exponents against 0 then give 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(e, 1)
         m_i = m_new
         partial = tl.sum(tl.reshape(e, (BLOCK_T, NB, R)), 2)
         offs_c = jt * NB + tl.arange(0, NB)
@@ -106,27 +117,116 @@ def _antidiagonal_scores_fwd(
         )
         tl.store(tmax_base + offs_t * num_tiles + jt, m_new, mask=offs_t < num_rows)
 
-    # Rescale every partial to the row's final softmax and sum the R rows of each query block.
-    row_ok = (offs_t * S < q_len) & (offs_t < num_rows)
-    inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
+    # Rescale every partial to the row's final max: block scores divide by the sum and add up the R rows of each query
+    # block; partial scores stay per row, in place.
+    if PARTIAL:
+        rmax_ptrs = RowMax + batch * smb + head * smh + offs_t
+        if GIVEN_MAX:
+            m_i = tl.load(rmax_ptrs, mask=offs_t < num_rows, other=float("-inf"))
+        else:
+            tl.store(rmax_ptrs, m_i, mask=offs_t < num_rows)
+    else:
+        inv_l = 1.0 / tl.where(row_ok, l_i, 1.0)  # padding rows: partials of 0 and a sum of 0
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     offs_r = tile * (BLOCK_T // R) + tl.arange(0, BLOCK_T // R)
     out_base = Out + pid_bh.to(tl.int64) * (num_rows // R) * num_k_blocks
     for jt in range(0, n_tiles):
         offs_c = jt * NB + tl.arange(0, NB)
         c_ok = offs_c < num_k_blocks
-        partial = tl.load(
-            part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :],
-            mask=(offs_t < num_rows)[:, None] & c_ok[None, :],
-            other=0.0,
-        )
+        part_ptrs = part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :]
+        part_ok = (offs_t < num_rows)[:, None] & c_ok[None, :]
+        partial = tl.load(part_ptrs, mask=part_ok, other=0.0)
         tmax = tl.load(tmax_base + offs_t * num_tiles + jt, mask=offs_t < num_rows, other=0.0)
-        probs = partial * (tl.math.exp2(tmax - m_i) * inv_l)[:, None]
-        blocks = tl.sum(tl.reshape(probs, (BLOCK_T // R, R, NB)), 1)
-        tl.store(
-            out_base + offs_r[:, None] * num_k_blocks + offs_c[None, :],
-            blocks,
-            mask=(offs_r < num_rows // R)[:, None] & c_ok[None, :],
-        )
+        weight = tl.math.exp2(tmax - m_ref)
+        if PARTIAL:
+            tl.store(part_ptrs, partial * weight[:, None], mask=part_ok)
+        else:
+            probs = partial * (weight * inv_l)[:, None]
+            blocks = tl.sum(tl.reshape(probs, (BLOCK_T // R, R, NB)), 1)
+            tl.store(
+                out_base + offs_r[:, None] * num_k_blocks + offs_c[None, :],
+                blocks,
+                mask=(offs_r < num_rows // R)[:, None] & c_ok[None, :],
+            )
+
+
+def unsupported_geometry(block_size: int, stride: int) -> str | None:
+    """Why the Triton scorers cannot take ``block_size`` and ``stride``, or ``None`` when they can.
+
+    They need a power-of-two ``block_size >= 16`` that ``stride`` divides into a power of two ``block_size / stride``
+    of at most 64.
+    """
+    if stride <= 0 or block_size % stride != 0:
+        return f"block_size ({block_size}) must be a multiple of stride ({stride})"
+    r = block_size // stride
+    if block_size & (block_size - 1) or r & (r - 1) or block_size < 16:
+        return f"the Triton scorer needs power-of-two block_size >= 16 and block_size/stride; got {block_size}/{stride}"
+    if r > 64:
+        return f"the Triton scorer needs block_size/stride <= 64, got {r}"
+    return None
+
+
+def _score(
+    q: Tensor,
+    k: Tensor,
+    out: Tensor,
+    row_max: Tensor | None,
+    *,
+    stride: int,
+    block_size: int,
+    causal: bool,
+    causal_offset: int,
+    scale: float | None,
+    given_max: bool = False,
+) -> None:
+    """Run the scorer over every head, as many heads per launch as :data:`PARTIAL_BUDGET_BYTES` allows.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``, both with unit stride along D; geometry already checked.
+        out: zero-initialised float32, written: block scores ``[B, Hq, Qb, Kb]`` when ``row_max`` is ``None``, else
+            partial sums ``[B, Hq, Tq, Kb]`` relative to ``row_max``.
+        row_max: float32 ``[B, Hq, Tq]`` in log2 units: the kernel writes each row's max there, or reads it when
+            ``given_max``.
+        causal_offset: reshaped key ``u`` is visible to reshaped query ``t`` when ``uS <= causal_offset + tS + S - 1``.
+    """
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    r = block_size // stride
+    partial_mode = row_max is not None
+    qb, kb = -(-lq // block_size), -(-lk // block_size)
+    num_rows = qb * r  # reshaped query rows, padded to whole query blocks
+    num_tiles = triton.cdiv(kb * r, 64)  # room for the narrowest column tile any config uses
+    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / stride * LOG2E
+
+    per_head = num_rows * (kb + num_tiles) * 4
+    heads_per_launch = max(1, min(hq, PARTIAL_BUDGET_BYTES // max(1, bsz * per_head)))
+    for h0 in range(0, hq, heads_per_launch):
+        nh = min(heads_per_launch, hq - h0)
+        whole = nh == hq
+        tile_max = torch.empty(bsz * nh, num_rows, num_tiles, dtype=torch.float32, device=q.device)
+        if partial_mode:  # the kernel rescales the partials in place: they are the output
+            partial = out if whole else torch.zeros(bsz, nh, num_rows, kb, dtype=torch.float32, device=q.device)
+            scores = partial
+        else:
+            partial = torch.empty(bsz * nh, num_rows, kb, dtype=torch.float32, device=q.device)
+            scores = out if whole else torch.zeros(bsz, nh, qb, kb, dtype=torch.float32, device=q.device)
+        rmax = row_max if row_max is not None else tile_max  # RowMax is only touched in partial mode
+        grid = lambda meta, n=bsz * nh: (n, triton.cdiv(num_rows, meta["BLOCK_T"]))
+        _antidiagonal_scores_fwd[grid](
+            q, k, partial, tile_max, scores, rmax,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rmax.stride(0), rmax.stride(1),
+            factor, lq, lk, causal_offset, nh, h0, num_rows, kb, num_tiles,
+            G=hq // hkv, S=stride, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), R=r, CAUSAL=causal,
+            PARTIAL=partial_mode, GIVEN_MAX=given_max,
+        )  # fmt: skip
+        if not whole:
+            out[:, h0 : h0 + nh].copy_(scores)
+
+
+def _unit_stride(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """q and k with unit stride along D (the kernel's loads assume it); a copy only where needed."""
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    return q, k
 
 
 def antidiagonal_block_scores(
@@ -142,39 +242,64 @@ def antidiagonal_block_scores(
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; ``block_size % stride == 0``, ``block_size / stride`` a power of
-            two, ``block_size`` a power of two.
+            two, ``block_size`` a power of two (see :func:`unsupported_geometry`).
     """
-    bsz, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    r = block_size // stride
-    if block_size & (block_size - 1) or r & (r - 1) or block_size < 16:
-        raise ValueError(
-            f"the Triton scorer needs power-of-two block_size >= 16 and block_size/stride; got {block_size}/{stride}"
-        )
-    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    qb, kb = -(-lq // block_size), -(-lk // block_size)
-    num_rows = qb * r  # reshaped query rows, padded to whole query blocks
-    if r > 64:
-        raise ValueError(f"the Triton scorer needs block_size/stride <= 64, got {r}")
-    num_tiles = triton.cdiv(kb * r, 64)  # room for the narrowest column tile any config uses
-    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / stride * LOG2E
-
-    out = torch.zeros(bsz, hq, qb, kb, dtype=torch.float32, device=q.device)
-    per_head = num_rows * (kb + num_tiles) * 4
-    heads_per_launch = max(1, min(hq, PARTIAL_BUDGET_BYTES // max(1, bsz * per_head)))
-    for h0 in range(0, hq, heads_per_launch):
-        nh = min(heads_per_launch, hq - h0)
-        partial = torch.empty(bsz * nh, num_rows, kb, dtype=torch.float32, device=q.device)
-        tile_max = torch.empty(bsz * nh, num_rows, num_tiles, dtype=torch.float32, device=q.device)
-        out_slice = out[:, h0 : h0 + nh] if nh != hq else out
-        scores = torch.zeros(bsz, nh, qb, kb, dtype=torch.float32, device=q.device) if nh != hq else out_slice
-        grid = lambda meta, n=bsz * nh: (n, triton.cdiv(num_rows, meta["BLOCK_T"]))
-        _antidiagonal_scores_fwd[grid](
-            q, k, partial, tile_max, scores,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            factor, lq, lk, nh, h0, num_rows, kb * r, kb, num_tiles,
-            G=hq // hkv, S=stride, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), R=r, CAUSAL=causal,
-        )  # fmt: skip
-        if nh != hq:
-            out_slice.copy_(scores)
+    error = unsupported_geometry(block_size, stride)
+    if error is not None:
+        raise ValueError(error)
+    q, k = _unit_stride(q, k)
+    bsz, hq, lq, _ = q.shape
+    lk = k.shape[2]
+    out = torch.zeros(bsz, hq, -(-lq // block_size), -(-lk // block_size), dtype=torch.float32, device=q.device)
+    _score(q, k, out, None, stride=stride, block_size=block_size, causal=causal, causal_offset=lk - lq, scale=scale)
     return out
+
+
+def antidiagonal_partial_scores(
+    q: Tensor,
+    k: Tensor,
+    *,
+    stride: int,
+    block_size: int,
+    q_start: int = 0,
+    k_start: int = 0,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    row_max: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Online-softmax statistics of XAttention's reshaped rows against one key shard; same contract as the reference.
+
+    ``q`` holds queries ``q_start …`` of ``q_len``, ``k`` keys ``k_start …`` of ``k_len`` (shards start on block
+    boundaries; only the one ending the sequence may end inside a block). Returns ``(row_max, sums)``: float32
+    ``[B, Hq, Tq]`` (``-inf`` where no key of the shard is visible; or the ``row_max`` passed in, for a second pass
+    against a global max) and float32 ``[B, Hq, Tq, Kb_s]``, per key block the sum of ``exp(x - row_max)``.
+
+    Args:
+        q: ``[B, Hq, Lq_s, D]``; k: ``[B, Hkv, Lk_s, D]``; block size and stride as for
+            :func:`antidiagonal_block_scores`.
+    """
+    error = unsupported_geometry(block_size, stride)
+    if error is not None:
+        raise ValueError(error)
+    bsz, hq, lq_s, _ = q.shape
+    lk_s = k.shape[2]
+    q_len = q_start + lq_s if q_len is None else q_len
+    k_len = k_start + lk_s if k_len is None else k_len
+    _check_shard("q", q_start, lq_s, q_len, block_size)
+    _check_shard("k", k_start, lk_s, k_len, block_size)
+    q, k = _unit_stride(q, k)
+    num_rows = -(-lq_s // block_size) * (block_size // stride)
+    sums = torch.zeros(bsz, hq, num_rows, -(-lk_s // block_size), dtype=torch.float32, device=q.device)
+    # the kernel's row maxima are in log2 units (x * log2(e))
+    if row_max is None:
+        log2_max = torch.empty(bsz, hq, num_rows, dtype=torch.float32, device=q.device)
+    else:
+        row_max = row_max.to(torch.float32, copy=True).reshape(bsz, hq, num_rows)
+        log2_max = (row_max * LOG2E).contiguous()
+    _score(
+        q, k, sums, log2_max, stride=stride, block_size=block_size, causal=causal,
+        causal_offset=(k_len - q_len) + q_start - k_start, scale=scale, given_max=row_max is not None,
+    )  # fmt: skip
+    return (log2_max / LOG2E if row_max is None else row_max), sums

@@ -46,7 +46,9 @@ def test_antidiagonal_scores_match_reference(shape: tuple) -> None:
     got = antidiagonal_block_scores(q, k, stride=stride, block_size=block, causal=causal)
     want = ref.antidiagonal_block_scores(q, k, stride=stride, block_size=block, causal=causal)
     assert got.shape == want.shape
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    # tf32 tensor-core products on GPU; exact float32 under the interpreter
+    atol, rtol = (2e-3, 2e-3) if DEVICE == "cuda" else (2e-5, 1e-4)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -81,8 +83,8 @@ def test_block_sparse_attention_matches_reference(shape: tuple, density: float) 
     out, lse = block_sparse_attention(q, k, v, mask, block_size=block, causal=causal, return_lse=True)
     want = ref.block_sparse_attention(q, k, v, mask, block_size=block, causal=causal)
     assert not out.isnan().any()
-    # tf32 tensor-core products on GPU; exact float32 under the interpreter
-    tol = 2e-3 if DEVICE == "cuda" else 1e-5
+    # tf32 tensor-core products on GPU (up to 5.4e-3 seen on an H200 at D=96); exact float32 under the interpreter
+    tol = 1e-2 if DEVICE == "cuda" else 1e-5
     torch.testing.assert_close(out, want, atol=tol, rtol=tol)
     # log-sum-exp against an explicit computation over the visible kept keys
     from xattention import BlockMask
@@ -90,7 +92,8 @@ def test_block_sparse_attention_matches_reference(shape: tuple, density: float) 
     tok = BlockMask(mask, block, lq, lk, causal).to_token_mask()
     scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double().repeat_interleave(hq // hkv, 1)) / d**0.5
     want_lse = torch.logsumexp(scores.masked_fill(~tok, float("-inf")), dim=-1)
-    torch.testing.assert_close(lse.double(), want_lse, atol=tol * 10, rtol=tol)
+    lse_atol, lse_rtol = (2e-2, 2e-3) if DEVICE == "cuda" else (1e-4, 1e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=lse_atol, rtol=lse_rtol)
 
 
 @pytest.mark.gpu

@@ -69,9 +69,11 @@ def test_scores_match_naive(case: tuple) -> None:
     got = ref.antidiagonal_block_scores(q, k, stride=stride, block_size=block, causal=causal)
     assert got.dtype == torch.float32 and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=1e-5)
-    # chunked over query-block rows (one row per chunk) must not change anything
+    # chunked over query-block rows (one row per chunk) must not change anything: bit for bit on the CPU; on CUDA the
+    # matmul kernel depends on the chunk's shape, which moves the last bit (seen on an H200: 4.8e-7 at values ~1)
     chunked = ref.antidiagonal_block_scores(q, k, stride=stride, block_size=block, causal=causal, chunk_elements=1)
-    torch.testing.assert_close(chunked, got, atol=0, rtol=0)
+    exact = q.device.type == "cpu"
+    torch.testing.assert_close(chunked, got, atol=0 if exact else 1e-6, rtol=0 if exact else 1e-6)
 
 
 def test_scores_with_explicit_scale_and_half_inputs() -> None:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import _check_shard
+from .reference import shard_lengths
 
 __all__ = ["antidiagonal_block_scores", "antidiagonal_partial_scores", "unsupported_geometry"]
 
@@ -285,10 +285,7 @@ def antidiagonal_partial_scores(
         raise ValueError(error)
     bsz, hq, lq_s, _ = q.shape
     lk_s = k.shape[2]
-    q_len = q_start + lq_s if q_len is None else q_len
-    k_len = k_start + lk_s if k_len is None else k_len
-    _check_shard("q", q_start, lq_s, q_len, block_size)
-    _check_shard("k", k_start, lk_s, k_len, block_size)
+    q_len, k_len = shard_lengths((q_start, lq_s, q_len), (k_start, lk_s, k_len), block_size)
     q, k = _unit_stride(q, k)
     num_rows = -(-lq_s // block_size) * (block_size // stride)
     sums = torch.zeros(bsz, hq, num_rows, -(-lk_s // block_size), dtype=torch.float32, device=q.device)

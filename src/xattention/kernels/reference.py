@@ -220,6 +220,20 @@ def _check_shard(name: str, start: int, length: int, total: int, block_size: int
         )
 
 
+def shard_lengths(q_shard: tuple[int, int, int | None], k_shard: tuple[int, int, int | None], block_size: int) -> tuple[int, int]:
+    """Full ``(q_len, k_len)`` of a (start, shard length, full length or ``None``) pair of shards, checked.
+
+    ``None`` means the shard ends its sequence. Shards must start on block boundaries and only one that ends its
+    sequence may end inside a block (the contract of :func:`antidiagonal_partial_scores`).
+    """
+    totals = []
+    for name, (start, length, total) in (("q", q_shard), ("k", k_shard)):
+        total = start + length if total is None else total
+        _check_shard(name, start, length, total, block_size)
+        totals.append(total)
+    return totals[0], totals[1]
+
+
 def antidiagonal_partial_scores(
     q: Tensor,
     k: Tensor,
@@ -258,10 +272,7 @@ def antidiagonal_partial_scores(
     if b % s != 0:
         raise ValueError(f"block_size ({b}) must be a multiple of stride ({s})")
     r = b // s
-    q_len = q_start + lq_s if q_len is None else q_len
-    k_len = k_start + lk_s if k_len is None else k_len
-    _check_shard("q", q_start, lq_s, q_len, b)
-    _check_shard("k", k_start, lk_s, k_len, b)
+    q_len, k_len = shard_lengths((q_start, lq_s, q_len), (k_start, lk_s, k_len), b)
     qb, kb = -(-lq_s // b), -(-lk_s // b)
     qt = _pad_len(q.float(), qb * b).reshape(bsz, hkv, g, qb * r, s, d).flip(-2).reshape(bsz, hkv, g, qb * r, s * d)
     kt = _pad_len(k.float(), kb * b).reshape(bsz, hkv, kb * r, s * d)

@@ -1,11 +1,12 @@
 """Where does XAttention (S=8, tau=0.9) lose gemma-3-270m's passkey at 8K? Sparse attention in chosen layers and rows only.
 
-    PYTHONPATH=src python3 benchmarks/passkey_ablation.py {layers,rows,needle} 4,5,6 OUT.jsonl
+    PYTHONPATH=src python3 benchmarks/passkey_ablation.py {layers,rows,needle,heads} 4,5,6 OUT.jsonl
 
 ``layers``: dense, all three full-attention layers (5, 11, 17), each one alone. ``rows``: layer 5 only, with only its last
 query-block row sparse, or every row but the last. ``needle``: layer 5 only, with only the rows holding the passkey's
-tokens sparse, or every row but those. Rows left out are dense (every causally visible block). CPU, float32, one prompt at
-a time (no padding), greedy decoding as in ``xattention eval``; one JSON line per (sample, configuration).
+tokens sparse, or every row but those. ``heads``: layer 5 only, one of its four query heads sparse. What is not named
+stays dense (every causally visible block). CPU, float32, one prompt at a time (no padding), greedy decoding as in
+``xattention eval``; one JSON line per (sample, configuration).
 """
 
 from __future__ import annotations
@@ -31,25 +32,31 @@ FULL_LAYERS = (5, 11, 17)
 
 @dataclasses.dataclass(kw_only=True, eq=False)
 class SomeRowsSparse(XAttention):
-    """XAttention in the query-block ``rows`` only (negative indices count from the end); ``invert``: in all others."""
+    """XAttention in the query-block ``rows`` (negative indices count from the end; ``None``: all) of the query ``heads``
+    (``None``: all) only, dense elsewhere; ``invert`` swaps the two regions."""
 
-    rows: tuple[int, ...] = ()
+    rows: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
     invert: bool = False
 
     def estimate(self, q, k, *, causal=True, scale=None, backend="auto"):  # type: ignore[no-untyped-def]
         bm = super().estimate(q, k, causal=causal, scale=scale, backend=backend)
-        sparse = torch.zeros(bm.mask.shape[-2], dtype=torch.bool, device=bm.mask.device)
-        sparse[list(self.rows)] = True
+        num_heads, num_rows = bm.mask.shape[1], bm.mask.shape[2]
+        rows = torch.zeros(num_rows, dtype=torch.bool, device=bm.mask.device)
+        rows[list(range(num_rows)) if self.rows is None else list(self.rows)] = True
+        heads = torch.zeros(num_heads, dtype=torch.bool, device=bm.mask.device)
+        heads[list(range(num_heads)) if self.heads is None else list(self.heads)] = True
+        sparse = heads[:, None] & rows[None, :]  # [Hq, Qb]
         if self.invert:
             sparse = ~sparse
-        mask = torch.where(sparse[:, None], bm.mask, bm.visible().expand_as(bm.mask))
+        mask = torch.where(sparse[..., None], bm.mask, bm.visible().expand_as(bm.mask))
         return BlockMask(mask, bm.block_size, bm.q_len, bm.k_len, bm.causal)
 
 
-def xattention(rows: tuple[int, ...] | None = None, invert: bool = False) -> XAttention:
-    if rows is None:
+def xattention(rows: tuple[int, ...] | None = None, invert: bool = False, heads: tuple[int, ...] | None = None) -> XAttention:
+    if rows is None and heads is None:
         return XAttention(stride=8, threshold=0.9, min_seq_len=0)
-    return SomeRowsSparse(stride=8, threshold=0.9, min_seq_len=0, rows=rows, invert=invert)
+    return SomeRowsSparse(stride=8, threshold=0.9, min_seq_len=0, rows=rows, heads=heads, invert=invert)
 
 
 def needle_rows(tokenizer, sample: Sample) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
@@ -68,6 +75,7 @@ EXPERIMENTS: dict[str, dict[str, Config]] = {
         "L5-last": lambda tok, s: {5: xattention((-1,))},
         "L5-rest": lambda tok, s: {5: xattention((-1,), invert=True)},
     },
+    "heads": {f"L5-h{h}": (lambda tok, s, h=h: {5: xattention(heads=(h,))}) for h in range(4)},
     "needle": {
         "L5-needle-rows": lambda tok, s: {5: xattention(needle_rows(tok, s))},
         "L5-other-rows": lambda tok, s: {5: xattention(needle_rows(tok, s), invert=True)},

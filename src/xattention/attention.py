@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Literal, overload
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import check_qkv
 from .block_mask import BlockMask
-from .kernels import resolve_backend
+from .kernels import fa4, resolve_backend, triton_usable
 from .methods.base import Method
 from .methods.dense import Dense
 
@@ -19,15 +20,39 @@ __all__ = ["block_sparse_attention", "dense_attention", "sparse_attention"]
 logger = logging.getLogger(__name__)
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None) -> Tensor:
-    """Dense attention through ``torch.nn.functional.scaled_dot_product_attention`` (bottom-right causal, GQA).
+_LOGGED: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        logger.warning(message)
+
+
+def _portable_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
+
+
+def dense_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+) -> Tensor:
+    """Dense attention: FlashAttention-4 where it runs (``backend="auto"`` or ``"fa4"``), else
+    ``torch.nn.functional.scaled_dot_product_attention`` (bottom-right causal, GQA).
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
+        backend: ``"auto"``, ``"fa4"`` or ``"sdpa"``.
     Returns:
         ``[B, Hq, Lq, D]``.
     """
     _, hq, hkv, lq, lk, _ = check_qkv(q, k, v)
+    if backend not in ("auto", "fa4", "sdpa"):
+        raise ValueError(f"dense_attention backend must be 'auto', 'fa4' or 'sdpa', got {backend!r}")
+    if backend != "sdpa" and resolve_backend(backend, q.device, supported=("reference", "fa4")) == "fa4":
+        reason = fa4.refusal(q, k)
+        if reason is None:
+            return fa4.dense_attention(q, k, v, causal=causal, scale=scale)
+        _log_once(f"FlashAttention-4 refuses {reason}: dense attention runs through SDPA")
     mask: Tensor | None = None
     is_causal = causal and lq == lk
     if causal and lq != lk:
@@ -35,6 +60,23 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, sca
 
         mask = causal_lower_right(lq, lk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv)
+
+
+def _run_fa4(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None, return_lse: bool):
+    """FA4 over ``mask``, or ``None`` (logged once) where FA4 refuses the input: the caller then runs Triton."""
+    reason = fa4.refusal(q, k, block_size=mask.block_size)
+    if reason is None:
+        try:
+            return fa4.block_sparse_attention(
+                q, k, v, mask.mask, block_size=mask.block_size, causal=mask.causal, scale=scale, return_lse=return_lse,
+                shared_heads=mask.shared_heads,
+            )  # fmt: skip
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a shape FA4's JIT cannot compile: the exact Triton kernel answers instead
+            reason = f"this input ({type(exc).__name__}: {exc})"
+    _log_once(f"FlashAttention-4 refuses {reason}: block-sparse attention runs through {_portable_backend(q.device)}")
+    return None
 
 
 def block_sparse_attention(
@@ -45,7 +87,8 @@ def block_sparse_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention over the kept blocks of ``mask`` (causality taken from ``mask.causal``).
 
     Args:
@@ -53,9 +96,14 @@ def block_sparse_attention(
             the keys).
         mask: a :class:`BlockMask` of shape ``[B, Hq, ceil(Lq/b), ceil(Lk/b)]``.
         scale: softmax scale, default ``1/sqrt(D)``.
-        backend: ``"auto"`` (Triton on CUDA capability >= 8.0, else reference), ``"triton"``, ``"flex"``, ``"reference"``.
+        backend: ``"auto"`` (FlashAttention-4 on compute capability 9.x-11.x when ``flash_attn.cute`` imports, else
+            Triton on capability >= 8.0, else the reference), ``"fa4"``, ``"triton"``, ``"flex"``, ``"reference"``.
+            Where FA4 refuses an input (dtype, head dim, block size) the Triton kernel runs instead, logged once.
+        return_lse: also return the float32 natural-log LSE ``[B, Hq, Lq]`` (``-inf`` where a query sees no key), for
+            merging partial results; not with ``"flex"``.
     Returns:
-        ``[B, Hq, Lq, D]`` in q's dtype. A query with no visible kept key gets zeros.
+        ``[B, Hq, Lq, D]`` in q's dtype (possibly a strided view), and the LSE with ``return_lse``. A query with no
+        visible kept key gets zeros.
     """
     bsz, hq, _, lq, lk, _ = check_qkv(q, k, v)
     if not isinstance(mask, BlockMask):
@@ -68,14 +116,28 @@ def block_sparse_attention(
         )
     if mask.mask.device != q.device:
         raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")
-    chosen = resolve_backend(backend, q.device, supported=("reference", "triton", "flex"))
+    chosen = resolve_backend(backend, q.device, supported=("reference", "triton", "flex", "fa4"))
+    if chosen == "fa4":
+        result = _run_fa4(q, k, v, mask, scale, return_lse)
+        if result is not None:
+            return result
+        chosen = _portable_backend(q.device)
+    kwargs = {"block_size": mask.block_size, "causal": mask.causal, "scale": scale}
     if chosen == "triton":
-        from .kernels.block_sparse_attention import block_sparse_attention as kernel
-    elif chosen == "flex":
-        from .kernels.flex import block_sparse_attention as kernel
-    else:
-        from .kernels.reference import block_sparse_attention as kernel
-    return kernel(q, k, v, mask.mask, block_size=mask.block_size, causal=mask.causal, scale=scale)
+        from .kernels.block_sparse_attention import block_sparse_attention as triton_kernel
+
+        return triton_kernel(q, k, v, mask.mask, return_lse=return_lse, **kwargs)
+    if chosen == "flex":
+        if return_lse:
+            raise ValueError("backend='flex' does not return the LSE; use 'fa4', 'triton' or 'reference'")
+        from .kernels.flex import block_sparse_attention as flex_kernel
+
+        return flex_kernel(q, k, v, mask.mask, **kwargs)
+    from .kernels import reference
+
+    if return_lse:
+        return reference.block_sparse_attention_lse(q, k, v, mask.mask, **kwargs)
+    return reference.block_sparse_attention(q, k, v, mask.mask, **kwargs)
 
 
 @overload
@@ -131,11 +193,10 @@ def sparse_attention(
         raise ValueError(f"method must be an xattention method (e.g. xa.XAttention()), got {type(method).__name__}")
     _, _, _, _, lk, _ = check_qkv(q, k, v)
     if isinstance(method, Dense) or lk < method.min_seq_len:
-        out = dense_attention(q, k, v, causal=causal, scale=scale)
+        dense_backend = {"auto": "auto", "fa4": "fa4"}.get(backend, "sdpa")
+        out = dense_attention(q, k, v, causal=causal, scale=scale, backend=dense_backend)
         return (out, None) if return_mask else out
-    estimate_backend = "auto" if backend == "flex" else backend
+    estimate_backend = "auto" if backend in ("flex", "fa4") else backend
     mask = method.estimate(q, k, causal=causal, scale=scale, backend=estimate_backend)
-    if logger.isEnabledFor(logging.DEBUG):  # density() synchronises the device: only when asked for
-        logger.debug("%s kept %.3f of the blocks at Lk=%d", type(method).__name__, mask.density(), lk)
     out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
     return (out, mask) if return_mask else out

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockMask", "causal_block_bounds"]
+__all__ = ["BlockMask", "causal_block_bounds", "full_block_limit"]
 
 
 def causal_block_bounds(
@@ -34,6 +34,22 @@ def causal_block_bounds(
     return (offset + first) // block_size, (offset + last) // block_size
 
 
+def full_block_limit(
+    q_len: int, k_len: int, block_size: int, causal: bool = True, device: torch.device | str | None = None
+) -> Tensor:
+    """int64 ``[Qb]``: per query-block row, the last key block that is *full*, i.e. every key in it is real (``< k_len``)
+    and, when ``causal``, visible to every query of the row. Kept blocks ``<= limit`` need no mask; -1 when none is.
+
+    The one geometry behind every kernel's split into unmasked and masked blocks (Triton, FlexAttention, FA4).
+    """
+    num_q_blocks = -(-q_len // block_size)
+    limit = torch.full((num_q_blocks,), k_len // block_size - 1, dtype=torch.long, device=device)
+    if causal:
+        first = (k_len - q_len) + torch.arange(num_q_blocks, device=device) * block_size  # each row's first query
+        limit = torch.minimum(limit, (first + 1) // block_size - 1)
+    return limit
+
+
 @dataclass(frozen=True)
 class BlockMask:
     """Boolean block mask ``[B, Hq, Qb, Kb]`` plus the geometry needed to interpret it.
@@ -44,6 +60,8 @@ class BlockMask:
         q_len: number of queries ``Lq``.
         k_len: number of keys ``Lk`` (``Lq <= Lk``; queries aligned to the end of the keys).
         causal: whether token-level causal masking applies inside the kept blocks.
+        shared_heads: a promise that every ``shared_heads`` consecutive heads hold the same mask (a GQA-shared mask);
+            kernels may then load each K/V block once for the group. 1 (default) promises nothing.
     """
 
     mask: Tensor
@@ -51,6 +69,7 @@ class BlockMask:
     q_len: int
     k_len: int
     causal: bool = True
+    shared_heads: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
@@ -61,6 +80,10 @@ class BlockMask:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.q_len <= 0 or self.k_len <= 0:
             raise ValueError(f"q_len and k_len must be positive, got q_len={self.q_len}, k_len={self.k_len}")
+        if isinstance(self.shared_heads, bool) or not isinstance(self.shared_heads, int) or self.shared_heads < 1:
+            raise ValueError(f"shared_heads must be a positive int, got {self.shared_heads!r}")
+        if self.mask.shape[1] % self.shared_heads:
+            raise ValueError(f"shared_heads ({self.shared_heads}) must divide the mask's {self.mask.shape[1]} heads")
         if self.q_len > self.k_len:
             raise ValueError(f"q_len ({self.q_len}) must not exceed k_len ({self.k_len})")
         expected = (-(-self.q_len // self.block_size), -(-self.k_len // self.block_size))
@@ -170,7 +193,7 @@ class BlockMask:
         return cls(mask, block_size, q_len, k_len, causal)
 
     def to(self, device: torch.device | str) -> BlockMask:
-        return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal)
+        return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal, self.shared_heads)
 
     def __repr__(self) -> str:
         return (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,29 +56,19 @@ def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median"))
 
 
-def _measure_length(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    densities: list[float],
-    strides: list[int],
-    threshold: float,
-    with_flex: bool,
-    rep_ms: int,
-) -> dict[str, Any]:
-    """Every measurement at one sequence length, on one set of structured inputs."""
+def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rep_ms: int) -> dict[str, Any]:
+    """Dense causal attention timed through FlashAttention-4 (where present), cuDNN and flash SDPA, with TFLOP/s;
+    ``dense_best_ms`` is the fastest of them: the baseline every speed-up is quoted against."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from .. import XAttention, block_sparse_attention, sparse_attention
-    from ..kernels.antidiagonal import antidiagonal_block_scores
-    from ..kernels.block_sparse_attention import block_sparse_attention as triton_attention
-    from ..kernels.select import select_blocks
+    from ..kernels import fa4, fa4_usable
 
     heads, length, head_dim = q.shape[1], q.shape[2], q.shape[3]
-    block, device = 128, q.device
-    row: dict[str, Any] = {"length": length}
     flops = causal_attention_flops(1, heads, length, length, head_dim)
+    row: dict[str, Any] = {"dense_fa4_ms": None}
+    if fa4_usable(q.device):
+        row["dense_fa4_ms"] = _bench(lambda: fa4.dense_attention(q, k, v), rep_ms)
+        row["dense_fa4_tflops"] = flops / row["dense_fa4_ms"] / 1e9
 
     def sdpa() -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -93,53 +82,131 @@ def _measure_length(
         except RuntimeError as exc:  # a backend may be unavailable for this shape/build
             logger.warning("SDPA %s failed at L=%d: %s", name, length, exc)
             row[f"dense_{name}_ms"] = None
-    dense_ms = row["dense_cudnn_ms"] or row["dense_flash_ms"]
+    timed = [row[key] for key in ("dense_fa4_ms", "dense_cudnn_ms", "dense_flash_ms") if row[key] is not None]
+    row["dense_best_ms"] = min(timed)
+    row["dense_best"] = next(n for n in ("fa4", "cudnn", "flash") if row[f"dense_{n}_ms"] == row["dense_best_ms"])
+    return row
 
-    row["sparse"] = []
-    for density in densities:
-        mask = random_block_mask(1, heads, length, block, density, device)
-        real = mask.density()
-        entry: dict[str, Any] = {"target_density": density, "density": real}
-        entry["triton_ms"] = _bench(lambda m=mask: block_sparse_attention(q, k, v, m, backend="triton"), rep_ms)
-        # the same kernel with plain pointer loads instead of bulk (TMA) copies, to show what the copy engine buys
-        entry["triton_pointer_loads_ms"] = _bench(
-            lambda m=mask: triton_attention(q, k, v, m.mask, block_size=block, use_tma=False), rep_ms
-        )
-        # throughput per active block relative to cuDNN dense: (dense time / dense blocks) / (ours / our blocks)
-        entry["triton_vs_cudnn_per_block"] = dense_ms * real / entry["triton_ms"]
-        if with_flex:
-            entry["flex_ms"] = _bench(lambda m=mask: block_sparse_attention(q, k, v, m, backend="flex"), rep_ms)
-            entry["flex_vs_cudnn_per_block"] = dense_ms * real / entry["flex_ms"]
-        row["sparse"].append(entry)
-        logger.info("L=%d density=%.3f triton=%.2fms flex=%s", length, real, entry["triton_ms"], entry.get("flex_ms"))
 
+def _fa4_prebuilt(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> Callable[[], Any] | None:
+    """FA4 block-sparse on ``mask`` with its index tensors built once, outside the timing: FA4 as its own users call
+    it, the bar for our dispatch (which builds the tensors on every call)."""
+    from ..kernels import fa4, fa4_usable
+
+    if not fa4_usable(q.device) or fa4.refusal(q, k, block_size=mask.block_size) is not None:
+        return None
+    from flash_attn.cute import flash_attn_func
+
+    tensors = fa4.block_sparse_tensors(mask.mask, q_len=mask.q_len, k_len=mask.k_len, block_size=mask.block_size,
+                                       causal=mask.causal)  # fmt: skip
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return lambda: flash_attn_func(qt, kt, vt, causal=mask.causal, block_sparse_tensors=tensors)
+
+
+def _measure_sparse(q, k, v, density: float, dense: dict[str, Any], with_flex: bool, rep_ms: int) -> dict[str, Any]:
+    """One random mask at ``density``: our default path, the Triton kernel, FA4 as-is and FlexAttention on it."""
+    from .. import block_sparse_attention
+    from ..kernels.block_sparse_attention import block_sparse_attention as triton_attention
+
+    heads, length = q.shape[1], q.shape[2]
+    mask = random_block_mask(1, heads, length, 128, density, q.device)
+    real = mask.density()
+    entry: dict[str, Any] = {"target_density": density, "density": real}
+    entry["auto_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask), rep_ms)
+    entry["triton_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask, backend="triton"), rep_ms)
+    # the same kernel with plain pointer loads instead of bulk (TMA) copies, to show what the copy engine buys
+    entry["triton_pointer_loads_ms"] = _bench(
+        lambda: triton_attention(q, k, v, mask.mask, block_size=128, use_tma=False), rep_ms
+    )
+    prebuilt = _fa4_prebuilt(q, k, v, mask)
+    if prebuilt is not None:
+        entry["fa4_prebuilt_ms"] = _bench(prebuilt, rep_ms)
+        entry["auto_vs_fa4_prebuilt"] = entry["fa4_prebuilt_ms"] / entry["auto_ms"]
+    # throughput per active block relative to the best dense kernel: (dense time / dense blocks) / (ours / our blocks)
+    for name in ("auto", "triton", "fa4_prebuilt"):
+        if f"{name}_ms" in entry:
+            entry[f"{name}_vs_dense_per_block"] = dense["dense_best_ms"] * real / entry[f"{name}_ms"]
+    if with_flex:
+        entry["flex_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask, backend="flex"), rep_ms)
+        entry["flex_vs_dense_per_block"] = dense["dense_best_ms"] * real / entry["flex_ms"]
+    logger.info("L=%d %s", length, entry)
+    return entry
+
+
+def _measure_selection(q, k, v, stride: int, shared: bool, threshold: float, rep_ms: int) -> dict[str, Any]:
+    """XAttention at one stride: scoring GEMM, sort-select, estimate, attend and end to end on the default path."""
+    from .. import XAttention, block_sparse_attention, sparse_attention
+    from ..kernels.antidiagonal import antidiagonal_block_scores
+    from ..kernels.select import select_blocks
+
+    heads, length = q.shape[1], q.shape[2]
+    method = XAttention(stride=stride, threshold=threshold, min_seq_len=0, shared_kv_mask=shared)
+    thr = torch.full((heads,), threshold, device=q.device)
+    scores = antidiagonal_block_scores(q, k, stride=stride, block_size=128)
+    mask = method.estimate(q, k)
+    sel = {
+        "stride": stride,
+        "shared_kv_mask": shared,
+        "score_ms": _bench(lambda: antidiagonal_block_scores(q, k, stride=stride, block_size=128), rep_ms),
+        "select_ms": _bench(lambda: select_blocks(scores, thr, q_len=length, k_len=length, block_size=128), rep_ms),
+        "estimate_ms": _bench(lambda: method.estimate(q, k), rep_ms),
+        "density": mask.density(),
+        "attend_ms": _bench(lambda: block_sparse_attention(q, k, v, mask), rep_ms),
+        "end_to_end_ms": _bench(lambda: sparse_attention(q, k, v, method), rep_ms),
+    }
+    # the scoring GEMM's useful work: (L/S)^2 rows x cols of S*D products, causal half
+    sel["score_tflops"] = (length / stride) ** 2 * stride * q.shape[3] * 2 * heads / 2 / sel["score_ms"] / 1e9
+    logger.info("L=%d S=%d %s", length, stride, sel)
+    return sel
+
+
+def _speedups(entry: dict[str, Any], dense: dict[str, Any], ms_key: str) -> None:
+    for name in ("fa4", "cudnn", "flash", "best"):
+        base = dense.get(f"dense_{name}_ms")
+        entry[f"speedup_vs_{name}"] = base / entry[ms_key] if base else None
+
+
+def _measure_length(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    densities: list[float],
+    strides: list[int],
+    threshold: float,
+    with_flex: bool,
+    rep_ms: int,
+) -> dict[str, Any]:
+    """Every measurement at one sequence length, on one set of structured inputs."""
+    from .. import XAttention, sparse_attention
+
+    row: dict[str, Any] = {"length": q.shape[2], **dense_baselines(q, k, v, rep_ms)}
+    row["sparse"] = [_measure_sparse(q, k, v, d, row, with_flex, rep_ms) for d in densities]
     row["selection"] = []
-    thr = torch.full((heads,), threshold, device=device)
-    for stride, shared in [(s, False) for s in strides] + [(strides[0], True)]:
-        method = XAttention(stride=stride, threshold=threshold, min_seq_len=0, shared_kv_mask=shared)
-        score_ms = _bench(lambda s=stride: antidiagonal_block_scores(q, k, stride=s, block_size=block), rep_ms)
-        scores = antidiagonal_block_scores(q, k, stride=stride, block_size=block)
-        select_ms = _bench(lambda a=scores: select_blocks(a, thr, q_len=length, k_len=length, block_size=block), rep_ms)
-        mask = method.estimate(q, k, backend="triton")
-        sel = {
-            "stride": stride,
-            "shared_kv_mask": shared,
-            "score_ms": score_ms,
-            "select_ms": select_ms,
-            "estimate_ms": _bench(lambda m=method: m.estimate(q, k, backend="triton"), rep_ms),
-            "density": mask.density(),
-            "attend_ms": _bench(lambda m=mask: block_sparse_attention(q, k, v, m, backend="triton"), rep_ms),
-            "end_to_end_ms": _bench(lambda m=method: sparse_attention(q, k, v, m, backend="triton"), rep_ms),
-        }
-        sel["speedup_vs_cudnn"] = dense_ms / sel["end_to_end_ms"]
+    for stride, shared in [(s, False) for s in strides] + [(s, True) for s in strides]:
+        sel = _measure_selection(q, k, v, stride, shared, threshold, rep_ms)
+        _speedups(sel, row, "end_to_end_ms")
         row["selection"].append(sel)
-        logger.info("L=%d S=%d %s", length, stride, sel)
-
     # What a user gets with the defaults (dense below method.min_seq_len): the "never slower than dense" check.
     default = XAttention(threshold=threshold)
     row["default_method_ms"] = _bench(lambda: sparse_attention(q, k, v, default), rep_ms)
-    row["default_vs_cudnn"] = dense_ms / row["default_method_ms"]
+    _speedups(row, row, "default_method_ms")
     return row
+
+
+def _fa4_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
+
+
+def matmul_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
+    """bf16 matmul rate of an ``n^3`` product on random data, measured now: the ceiling the scoring GEMM is held to."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * n**3 / _bench(lambda: a @ b, 200) / 1e9
 
 
 def run(
@@ -168,6 +235,8 @@ def run(
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
+        "fa4": _fa4_version(),
+        "matmul_ceiling_tflops": matmul_ceiling_tflops(device),
         "params": {
             "batch": 1, "q_heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": "bfloat16",
             "block_size": block, "densities": densities, "strides": strides, "threshold": threshold,
@@ -197,28 +266,31 @@ def plot(record: dict[str, Any], path: Path) -> None:
     lengths = [r["length"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for stride in record["params"]["strides"]:
-        sp = [
-            next(s["speedup_vs_cudnn"] for s in r["selection"] if s["stride"] == stride and not s["shared_kv_mask"]) for r in rows
-        ]
-        ax1.plot(lengths, sp, marker="o", label=f"XAttention S={stride}, tau={record['params']['threshold']}")
-    ax1.axhline(1.0, color="gray", ls="--", lw=1)
+        for shared in (False, True):
+            sp = [next(s["speedup_vs_best"] for s in r["selection"] if s["stride"] == stride
+                       and s["shared_kv_mask"] == shared) for r in rows]  # fmt: skip
+            label = f"XAttention S={stride}" + (", GQA-shared mask" if shared else "")
+            ax1.plot(lengths, sp, marker="o", ls="--" if shared else "-", label=label)
+    ax1.axhline(1.0, color="gray", ls=":", lw=1)
     ax1.set_xscale("log", base=2)
     ax1.set_xlabel("sequence length")
-    ax1.set_ylabel("speed-up vs cuDNN causal SDPA (end to end)")
-    ax1.legend()
-    ax1.set_title("Select + attend vs dense (structured inputs)")
+    ax1.set_ylabel(f"speed-up vs fastest dense ({rows[-1]['dense_best']})")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"Select + attend vs dense causal, tau={record['params']['threshold']}")
     last = rows[-1]
     dens = [s["density"] for s in last["sparse"]]
-    ax2.plot(dens, [s["triton_ms"] for s in last["sparse"]], marker="o", label="xattention Triton")
-    if "flex_ms" in last["sparse"][0]:
-        ax2.plot(dens, [s["flex_ms"] for s in last["sparse"]], marker="s", label="FlexAttention, same mask")
-    if last.get("dense_cudnn_ms"):
-        ax2.plot(dens, [last["dense_cudnn_ms"] * d for d in dens], ls="--", label="cuDNN dense x density")
+    for key, label, marker in (("auto_ms", "xattention default (FA4 where present)", "o"),
+                               ("triton_ms", "xattention Triton", "^"),
+                               ("fa4_prebuilt_ms", "FA4 block-sparse, prebuilt lists", "x"),
+                               ("flex_ms", "FlexAttention", "s")):  # fmt: skip
+        if key in last["sparse"][0]:
+            ax2.plot(dens, [s[key] for s in last["sparse"]], marker=marker, label=label)
+    ax2.plot(dens, [last["dense_best_ms"] * d for d in dens], ls="--", color="gray", label="fastest dense x density")
     ax2.set_xlabel("block density")
     ax2.set_ylabel("attention time (ms)")
-    ax2.set_title(f"Block-sparse attention at L={last['length']}")
-    ax2.legend()
-    fig.suptitle(f"{record['gpu']}, torch {record['torch']}, triton {record['triton']}")
+    ax2.set_title(f"Block-sparse attention on one random mask, L={last['length']}")
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{record['gpu']}, torch {record['torch']}, triton {record['triton']}, flash-attn-4 {record.get('fa4')}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -257,30 +329,36 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def format_table(record: dict[str, Any]) -> str:
     lines = [
-        "| L | cuDNN ms | flash ms | density | triton ms | x cuDNN/blk | no-TMA ms | flex ms | x cuDNN/blk |",
-        "|---" * 9 + "|",
+        "| L | FA4 dense ms | cuDNN ms | flash ms | density | default ms | Triton ms | FA4 prebuilt ms | default/FA4 | "
+        "flex ms |",
+        "|---" * 10 + "|",
     ]
     for r in record["rows"]:
         for s in r["sparse"]:
             lines.append(
-                f"| {r['length']} | {r['dense_cudnn_ms'] or math.nan:.2f} | {r['dense_flash_ms'] or math.nan:.2f} | "
-                f"{s['density']:.3f} | {s['triton_ms']:.2f} | {s['triton_vs_cudnn_per_block']:.2f} | "
-                f"{s['triton_pointer_loads_ms']:.2f} | "
-                f"{s.get('flex_ms', math.nan):.2f} | {s.get('flex_vs_cudnn_per_block', math.nan):.2f} |"
+                f"| {r['length']} | {_ms(r['dense_fa4_ms'])} | {_ms(r['dense_cudnn_ms'])} | {_ms(r['dense_flash_ms'])} | "
+                f"{s['density']:.3f} | {s['auto_ms']:.2f} | {s['triton_ms']:.2f} | {_ms(s.get('fa4_prebuilt_ms'))} | "
+                f"{_ms(s.get('auto_vs_fa4_prebuilt'))} | {_ms(s.get('flex_ms'))} |"
             )
-    lines += ["", "| L | default XAttention() ms | speed-up vs cuDNN |", "|---|---|---|"]
+    lines += ["", "| L | default XAttention() ms | vs FA4 dense | vs cuDNN |", "|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['length']} | {r['default_method_ms']:.3f} | {r['default_vs_cudnn']:.2f} |")
-    lines += ["", "| L | S | shared | score ms | select ms | estimate ms | density | attend ms | e2e ms | speed-up vs cuDNN |"]
-    lines.append("|---" * 10 + "|")
+        lines.append(
+            f"| {r['length']} | {r['default_method_ms']:.3f} | {_ms(r['speedup_vs_fa4'])} | {_ms(r['speedup_vs_cudnn'])} |"
+        )
+    lines += ["", "| L | S | shared | score ms | score TFLOP/s | select ms | estimate ms | density | attend ms | e2e ms | "
+              "vs FA4 dense | vs cuDNN |", "|---" * 12 + "|"]  # fmt: skip
     for r in record["rows"]:
         for s in r["selection"]:
             lines.append(
-                f"| {r['length']} | {s['stride']} | {s['shared_kv_mask']} | {s['score_ms']:.2f} | "
+                f"| {r['length']} | {s['stride']} | {s['shared_kv_mask']} | {s['score_ms']:.2f} | {s['score_tflops']:.0f} | "
                 f"{s['select_ms']:.2f} | {s['estimate_ms']:.2f} | {s['density']:.3f} | {s['attend_ms']:.2f} | "
-                f"{s['end_to_end_ms']:.2f} | {s['speedup_vs_cudnn']:.2f} |"
+                f"{s['end_to_end_ms']:.2f} | {_ms(s['speedup_vs_fa4'])} | {_ms(s['speedup_vs_cudnn'])} |"
             )
     return "\n".join(lines)
 

@@ -10,9 +10,9 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "resolve_backend", "triton_usable"]
+__all__ = ["BACKENDS", "fa4_usable", "resolve_backend", "triton_usable"]
 
-BACKENDS = ("auto", "reference", "triton", "flex")
+BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -24,16 +24,28 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def fa4_usable(device: torch.device) -> bool:
+    """FlashAttention-4 runs on ``device``: CUDA compute capability 9.x-11.x and ``flash_attn.cute`` importable."""
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    from .fa4 import fa4_available
+
+    return torch.cuda.get_device_capability(device)[0] in (9, 10, 11) and fa4_available()
+
+
 def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = ("reference", "triton")) -> str:
     """Map ``backend`` (one of :data:`BACKENDS`) to a concrete one that ``supported`` lists, for tensors on ``device``.
 
-    ``"auto"`` is Triton on a CUDA GPU of capability >= 8.0 (not under the interpreter, which is for tests), else the
-    reference. An explicit backend that cannot run raises ``ValueError``.
+    ``"auto"`` is FlashAttention-4 where ``supported`` lists it and :func:`fa4_usable`, else Triton on a CUDA GPU of
+    capability >= 8.0 (not under the interpreter, which is for tests), else the reference. An explicit backend that
+    cannot run raises ``ValueError``.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "auto":
         on_gpu = device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+        if "fa4" in supported and on_gpu and fa4_usable(device):
+            return "fa4"
         return "triton" if "triton" in supported and on_gpu and triton_usable(device) else "reference"
     if backend not in supported:
         raise ValueError(f"backend {backend!r} is not available here; choose one of {('auto', *supported)}")
@@ -41,6 +53,11 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
         raise ValueError(
             f"backend='triton' needs a CUDA GPU with compute capability >= 8.0 and the triton package "
             f"(or TRITON_INTERPRET=1); got device {device}"
+        )
+    if backend == "fa4" and not fa4_usable(device):
+        raise ValueError(
+            f"backend='fa4' needs the flash-attn-4 package (pip install 'xattention[fa4]') and a CUDA GPU of compute "
+            f"capability 9.x-11.x; got device {device}"
         )
     if backend == "flex" and device.type != "cuda":
         raise ValueError(f"backend='flex' (torch FlexAttention) needs a CUDA device, got {device}")

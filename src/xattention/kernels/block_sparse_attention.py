@@ -16,6 +16,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..block_mask import causal_block_bounds, full_block_limit
+
 __all__ = ["block_sparse_attention", "mask_to_indices"]
 
 LOG2E = 1.4426950408889634
@@ -125,12 +127,15 @@ def _block_sparse_attention_fwd(
 
 @triton.jit
 def _mask_to_indices_fwd(
-    Mask, Idx, Cnt, NFull, FullMax, num_q_blocks, num_k_blocks, KB_POW2: tl.constexpr, HAS_FULL: tl.constexpr
-):
+    Mask, Idx, Cnt, NFull, FullMax, VisMax, num_q_blocks, num_k_blocks,
+    KB_POW2: tl.constexpr, HAS_FULL: tl.constexpr, HAS_VIS: tl.constexpr,
+):  # fmt: skip
     row_id = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, KB_POW2)
     in_row = cols < num_k_blocks
     kept = tl.load(Mask + row_id * num_k_blocks + cols, mask=in_row, other=0) != 0
+    if HAS_VIS:  # blocks past the row's last visible one hold no visible pair: drop them
+        kept = kept & (cols <= tl.load(VisMax + row_id % num_q_blocks))
     kept_i = kept.to(tl.int32)
     before = tl.cumsum(kept_i, 0) - kept_i  # kept blocks left of each column
     count = tl.sum(kept_i, 0)
@@ -144,12 +149,15 @@ def _mask_to_indices_fwd(
         tl.store(NFull + row_id, tl.sum((kept & (cols <= full_max)).to(tl.int32), 0))
 
 
-def mask_to_indices(mask: Tensor, full_max: Tensor | None = None) -> tuple[Tensor, ...]:
+def mask_to_indices(
+    mask: Tensor, full_max: Tensor | None = None, visible_max: Tensor | None = None
+) -> tuple[Tensor, ...]:
     """bool ``[B, H, Qb, Kb]`` -> index lists in one pass (no sort).
 
     Returns ``(indices, counts)``: int32 ``[B, H, Qb, Kb]`` with each row's kept columns ascending then padding ``Kb``,
     and int32 ``[B, H, Qb]`` counts. With ``full_max`` (int ``[Qb]``: the last column each row sees entirely), also the
-    number of kept columns ``<= full_max`` (they lead the list, since it is ascending).
+    number of kept columns ``<= full_max`` (they lead the list, since it is ascending). With ``visible_max`` (int
+    ``[Qb]``), columns past it are treated as not kept.
     """
     bsz, heads, qb, kb = mask.shape
     mask = mask.contiguous()
@@ -159,7 +167,9 @@ def mask_to_indices(mask: Tensor, full_max: Tensor | None = None) -> tuple[Tenso
     _mask_to_indices_fwd[(bsz * heads * qb,)](
         mask.view(torch.int8), indices, counts, n_full,
         full_max.to(torch.int32).contiguous() if full_max is not None else counts,
+        visible_max.to(torch.int32).contiguous() if visible_max is not None else counts,
         qb, kb, KB_POW2=max(16, triton.next_power_of_2(kb)), HAS_FULL=full_max is not None,
+        HAS_VIS=visible_max is not None,
     )  # fmt: skip
     return (indices, counts) if full_max is None else (indices, counts, n_full)
 
@@ -203,12 +213,9 @@ def block_sparse_attention(
         raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     qb, kb = mask.shape[2], mask.shape[3]
-    # A kept block is "full" when every key in it is real and visible to the row's first query: no mask needed.
-    rows = torch.arange(qb, device=q.device)
-    full_max = torch.full_like(rows, lk // block_size - 1)
-    if causal:
-        full_max = torch.minimum(full_max, ((lk - lq) + rows * block_size + 1) // block_size - 1)
-    indices, counts, n_full = mask_to_indices(mask, full_max)
+    full_max = full_block_limit(lq, lk, block_size, causal, q.device)
+    visible_max = causal_block_bounds(lq, lk, block_size, q.device)[1] if causal else None
+    indices, counts, n_full = mask_to_indices(mask, full_max, visible_max)
 
     block_d = max(16, triton.next_power_of_2(d))
     if use_tma is None:

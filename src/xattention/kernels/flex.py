@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..block_mask import full_block_limit
 from .block_sparse_attention import mask_to_indices
 
 __all__ = ["block_sparse_attention", "flex_block_mask"]
@@ -30,12 +31,9 @@ def flex_block_mask(mask: Tensor, *, block_size: int, q_len: int, k_len: int, ca
     """Build a FlexAttention ``BlockMask`` from our bool ``[B, H, Qb, Kb]`` with ``BlockMask.from_kv_blocks``."""
     from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
 
-    qb, kb = mask.shape[2], mask.shape[3]
-    rows = torch.arange(qb, device=mask.device)[:, None]
+    kb = mask.shape[3]
     cols = torch.arange(kb, device=mask.device)[None, :]
-    full = (cols + 1) * block_size <= k_len
-    if causal:
-        full = full & ((cols + 1) * block_size - 1 <= (k_len - q_len) + rows * block_size)
+    full = cols <= full_block_limit(q_len, k_len, block_size, causal, mask.device)[:, None]
     partial_idx, partial_cnt = mask_to_indices(mask & ~full)
     full_idx, full_cnt = mask_to_indices(mask & full)
     offset = k_len - q_len

@@ -96,6 +96,7 @@ class XAttention(Method):
         )
         scores, thresholds = self.pool_kv_groups(scores, thresholds, hkv)
         mask = selection.select_blocks(scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal)
-        if mask.shape[1] != hq:
-            mask = mask.repeat_interleave(hq // hkv, dim=1)
-        return BlockMask(mask, self.block_size, lq, lk, causal)
+        shared = hq // mask.shape[1]
+        if shared > 1:
+            mask = mask.repeat_interleave(shared, dim=1)
+        return BlockMask(mask, self.block_size, lq, lk, causal, shared_heads=shared)

@@ -51,15 +51,26 @@ def test_antidiagonal_scores_match_reference(shape: tuple) -> None:
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("search", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_select_matches_reference(shape: tuple) -> None:
+def test_select_matches_reference(shape: tuple, search: bool) -> None:
     b, hq, hkv, lq, lk, d, block, stride, causal = shape
     q, k = _qk(b, hq, hkv, lq, lk, d)
     scores = ref.antidiagonal_block_scores(q, k, stride=stride, block_size=block, causal=causal)
     for threshold in (0.5, 0.9, torch.linspace(0.3, 1.0, hq), 1.0):
-        got = select_blocks(scores, threshold, q_len=lq, k_len=lk, block_size=block, causal=causal)
+        got = select_blocks(scores, threshold, q_len=lq, k_len=lk, block_size=block, causal=causal, search=search)
         want = ref.select_blocks(scores, threshold, q_len=lq, k_len=lk, block_size=block, causal=causal)
         assert torch.equal(got.cpu(), want.cpu())
+
+
+def test_select_search_keeps_ties_lowest_column_first() -> None:
+    """Exact ties at the cut-off: the bisection keeps the same lowest-column ties the sort does."""
+    scores = torch.tensor([0.0, 0.2, 0.2, 0.2, 0.2, 0.1, 0.1], device=DEVICE).view(1, 1, 1, 7)
+    for threshold in (0.3, 0.5, 0.55, 0.8, 0.95, 1.0):
+        kw = {"q_len": 16, "k_len": 112, "block_size": 16, "causal": False}
+        want = ref.select_blocks(scores, threshold, **kw)
+        assert torch.equal(select_blocks(scores, threshold, search=True, **kw).cpu(), want.cpu()), threshold
+        assert torch.equal(select_blocks(scores, threshold, search=False, **kw).cpu(), want.cpu()), threshold
 
 
 def test_mask_to_indices_matches_block_mask() -> None:

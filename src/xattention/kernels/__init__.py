@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "fa4_usable", "resolve_backend", "triton_usable"]
+__all__ = ["BACKENDS", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 
@@ -22,6 +22,16 @@ def triton_usable(device: torch.device) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def tma_usable(*tensors: torch.Tensor) -> bool:
+    """Bulk tensor copies (TMA) need compute capability >= 9.0, 16-bit data, 16-byte aligned bases and strides."""
+    t = tensors[0]
+    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if torch.cuda.get_device_capability(t.device) < (9, 0) or t.element_size() != 2:
+        return False
+    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 
 def fa4_usable(device: torch.device) -> bool:

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import tma_usable
 from .reference import shard_lengths
 
 __all__ = ["antidiagonal_block_scores", "antidiagonal_partial_scores", "unsupported_geometry"]
@@ -32,25 +33,41 @@ LOG2E = 1.4426950408889634
 PARTIAL_BUDGET_BYTES = 1 << 30
 
 
+def _set_tma_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: the bulk-copy descriptors' tile shapes follow the config's tile sizes."""
+    if nargs.get("QDesc") is not None:
+        block_k = nargs["BLOCK_D"] // nargs.get("SPLIT_D", 1)
+        nargs["QDesc"].block_shape = [1, 1, nargs["BLOCK_T"], 1, block_k]
+        nargs["KDesc"].block_shape = [1, 1, nargs["BLOCK_U"], 1, block_k]
+
+
 def _configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_T": 64, "BLOCK_U": 64}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_T": bt, "BLOCK_U": bu}, num_warps=w, num_stages=s)
+    # 128 x 256 tiles over a flattened (column tile, slot) loop, D in two chunks: the fastest correct variants at the
+    # shape of record (benchmarks/NOTES.md, "Scoring GEMM"); the smaller tiles serve short inputs and head dim 256.
+    wide = [
+        triton.Config({"BLOCK_T": 128, "BLOCK_U": 256, "FLAT": True, "SPLIT_D": sp}, num_warps=8, num_stages=st,
+                      pre_hook=_set_tma_blocks)
+        for sp, st in ((2, 4), (2, 3), (1, 2))
+    ]  # fmt: skip
+    return wide + [
+        triton.Config({"BLOCK_T": bt, "BLOCK_U": bu}, num_warps=w, num_stages=s, pre_hook=_set_tma_blocks)
         for bt, bu in ((128, 128), (128, 64), (64, 128))
         for w in (4, 8)
         for s in (2, 3)
     ]
 
 
-@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G", "PARTIAL"])
+@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G", "PARTIAL", "USE_TMA"])
 @triton.jit
 def _antidiagonal_scores_fwd(
-    Q, K, Partial, TileMax, Out, RowMax,
+    Q, K, QDesc, KDesc, Partial, TileMax, Out, RowMax,
     sqb, sqh, sql, skb, skh, skl, smb, smh,
     scale_log2, q_len, k_len, causal_offset, num_heads, head_offset, num_rows, num_k_blocks, num_tiles,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr, GIVEN_MAX: tl.constexpr,
+    USE_TMA: tl.constexpr, FLAT: tl.constexpr = False, SPLIT_D: tl.constexpr = 1,
 ):  # fmt: skip
     # q_len, k_len: tokens in Q and K; reshaped key u is causally visible to reshaped query t when
     # u*S <= causal_offset + t*S + S - 1. PARTIAL: leave in Partial the sums relative to the row max (log2 units) that
@@ -63,8 +80,7 @@ def _antidiagonal_scores_fwd(
     kv_head = head // G
 
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
+    BLOCK_K: tl.constexpr = BLOCK_D // SPLIT_D
     q_base = Q + batch * sqb + head * sqh
     k_base = K + batch * skb + kv_head * skh
     row_ok = (offs_t * S < q_len) & (offs_t < num_rows)  # padding query rows see no key
@@ -80,22 +96,31 @@ def _antidiagonal_scores_fwd(
     tmax_base = TileMax + pid_bh.to(tl.int64) * num_rows * num_tiles
     m_i = tl.full([BLOCK_T], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for jt in range(0, n_tiles):
+    for jt in tl.range(0, n_tiles, flatten=FLAT):
         offs_u = jt * BLOCK_U + tl.arange(0, BLOCK_U)
         acc = tl.zeros([BLOCK_T, BLOCK_U], dtype=tl.float32)
-        for i in range(S):
-            q_rows = offs_t * S + i
-            k_rows = offs_u * S + (S - 1 - i)
-            qi = tl.load(
-                q_base + q_rows[:, None] * sql + offs_d[None, :],
-                mask=(q_rows < q_len)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            ki = tl.load(
-                k_base + k_rows[:, None] * skl + offs_d[None, :],
-                mask=(k_rows < k_len)[:, None] & d_ok[None, :],
-                other=0.0,
-            )
+        # S products of depth D (one per antidiagonal slot), each in SPLIT_D chunks: a deeper load pipeline
+        for i in tl.range(S * SPLIT_D):
+            slot = i // SPLIT_D
+            offs_k = (i % SPLIT_D) * BLOCK_K + tl.arange(0, BLOCK_K)
+            if USE_TMA:  # views [B, H, L/S, S, D]: row t, slot i is token t*S + i; out-of-range rows read as zeros
+                qi = QDesc.load([batch, head, tile * BLOCK_T, slot, (i % SPLIT_D) * BLOCK_K]).reshape(BLOCK_T, BLOCK_K)
+                ki = KDesc.load([batch, kv_head, jt * BLOCK_U, S - 1 - slot, (i % SPLIT_D) * BLOCK_K])
+                ki = ki.reshape(BLOCK_U, BLOCK_K)
+            else:
+                q_rows = offs_t * S + slot
+                k_rows = offs_u * S + (S - 1 - slot)
+                k_ok = offs_k < D
+                qi = tl.load(
+                    q_base + q_rows[:, None] * sql + offs_k[None, :],
+                    mask=(q_rows < q_len)[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
+                ki = tl.load(
+                    k_base + k_rows[:, None] * skl + offs_k[None, :],
+                    mask=(k_rows < k_len)[:, None] & k_ok[None, :],
+                    other=0.0,
+                )
             acc = tl.dot(qi, tl.trans(ki), acc)
         s = acc * scale_log2
         ok = row_ok[:, None] & (offs_u * S < k_len)[None, :]
@@ -116,6 +141,8 @@ def _antidiagonal_scores_fwd(
             mask=(offs_t < num_rows)[:, None] & (offs_c < num_k_blocks)[None, :],
         )
         tl.store(tmax_base + offs_t * num_tiles + jt, m_new, mask=offs_t < num_rows)
+    # The loop below reads back partials that other threads of this program stored: make those stores visible first.
+    tl.debug_barrier()
 
     # Rescale every partial to the row's final max: block scores divide by the sum and add up the R rows of each query
     # block; partial scores stay per row, in place.
@@ -178,6 +205,7 @@ def _score(
     causal_offset: int,
     scale: float | None,
     given_max: bool = False,
+    use_tma: bool | None = None,
 ) -> None:
     """Run the scorer over every head, as many heads per launch as :data:`PARTIAL_BUDGET_BYTES` allows.
 
@@ -198,6 +226,11 @@ def _score(
     num_tiles = triton.cdiv(kb * r, 64)  # room for the narrowest column tile any config uses
     factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / stride * LOG2E
 
+    q_desc = k_desc = None
+    if use_tma is None:
+        use_tma = tma_usable(q, k)
+    if use_tma:
+        q_desc, k_desc = (_strided_rows_descriptor(t, stride) for t in (q, k))
     per_head = num_rows * (kb + num_tiles) * 4
     heads_per_launch = max(1, min(hq, PARTIAL_BUDGET_BYTES // max(1, bsz * per_head)))
     for h0 in range(0, hq, heads_per_launch):
@@ -213,14 +246,31 @@ def _score(
         rmax = row_max if row_max is not None else tile_max  # RowMax is only touched in partial mode
         grid = lambda meta, n=bsz * nh: (n, triton.cdiv(num_rows, meta["BLOCK_T"]))
         _antidiagonal_scores_fwd[grid](
-            q, k, partial, tile_max, scores, rmax,
+            q, k, q_desc, k_desc, partial, tile_max, scores, rmax,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rmax.stride(0), rmax.stride(1),
             factor, lq, lk, causal_offset, nh, h0, num_rows, kb, num_tiles,
             G=hq // hkv, S=stride, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), R=r, CAUSAL=causal,
-            PARTIAL=partial_mode, GIVEN_MAX=given_max,
+            PARTIAL=partial_mode, GIVEN_MAX=given_max, USE_TMA=use_tma,
         )  # fmt: skip
         if not whole:
             out[:, h0 : h0 + nh].copy_(scores)
+
+
+def _strided_rows_descriptor(t: Tensor, stride: int):
+    """A bulk-copy descriptor over ``t`` ``[B, H, L, D]`` seen as ``[B, H, ceil(L/S), S, D]`` (tile shape set per config).
+
+    The view needs ``L`` to be a multiple of ``S``; otherwise ``t`` is zero-padded (a copy), which the kernel's masks
+    treat as the padding it is.
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bsz, heads, length, d = t.shape
+    pad = -length % stride
+    if pad:
+        t = torch.nn.functional.pad(t, (0, 0, 0, pad))
+    sb, sh, sl, _ = t.stride()
+    shape = [bsz, heads, (length + pad) // stride, stride, d]
+    return TensorDescriptor(t, shape, [sb, sh, stride * sl, sl, 1], [1, 1, 16, 1, d])
 
 
 def _unit_stride(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,12 +287,14 @@ def antidiagonal_block_scores(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
+    use_tma: bool | None = None,
 ) -> Tensor:
     """XAttention block scores ``[B, Hq, Qb, Kb]`` (float32); same contract as the reference.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; ``block_size % stride == 0``, ``block_size / stride`` a power of
             two, ``block_size`` a power of two (see :func:`unsupported_geometry`).
+        use_tma: load the strided rows with bulk tensor copies; default: where :func:`~xattention.kernels.tma_usable`.
     """
     error = unsupported_geometry(block_size, stride)
     if error is not None:
@@ -251,7 +303,8 @@ def antidiagonal_block_scores(
     bsz, hq, lq, _ = q.shape
     lk = k.shape[2]
     out = torch.zeros(bsz, hq, -(-lq // block_size), -(-lk // block_size), dtype=torch.float32, device=q.device)
-    _score(q, k, out, None, stride=stride, block_size=block_size, causal=causal, causal_offset=lk - lq, scale=scale)
+    _score(q, k, out, None, stride=stride, block_size=block_size, causal=causal, causal_offset=lk - lq, scale=scale,
+           use_tma=use_tma)  # fmt: skip
     return out
 
 

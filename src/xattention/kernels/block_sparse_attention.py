@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..block_mask import causal_block_bounds, full_block_limit
+from . import tma_usable
 
 __all__ = ["block_sparse_attention", "mask_to_indices"]
 
@@ -174,16 +175,6 @@ def mask_to_indices(
     return (indices, counts) if full_max is None else (indices, counts, n_full)
 
 
-def _tma_usable(*tensors: Tensor) -> bool:
-    """Bulk tensor copies need compute capability >= 9.0, 16-bit data, 16-byte aligned bases and strides."""
-    t = tensors[0]
-    if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if torch.cuda.get_device_capability(t.device) < (9, 0) or t.element_size() != 2:
-        return False
-    return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
-
-
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -219,7 +210,7 @@ def block_sparse_attention(
 
     block_d = max(16, triton.next_power_of_2(d))
     if use_tma is None:
-        use_tma = _tma_usable(k, v)
+        use_tma = tma_usable(k, v)
     k_desc = v_desc = None
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

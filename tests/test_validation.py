@@ -135,7 +135,13 @@ def test_per_head_threshold_right_length_works() -> None:
         ({"block_size": 100, "stride": 8}, "multiple of stride"),
         ({"block_size": 16, "stride": 32}, "multiple of stride"),
         ({"stride": 0}, "stride must be a positive int"),
-        ({"stride": 8.0}, "stride must be a positive int"),
+        ({"stride": 8.0}, "stride must be an int, got 8.0"),
+        ({"stride": True}, "stride must be an int, got True"),  # a bool passed isinstance(int): ran as stride 1
+        ({"block_size": True, "stride": 1}, "block_size must be an int, got True"),
+        ({"min_seq_len": False}, "min_seq_len must be an int, got False"),
+        ({"shared_kv_mask": "no"}, "shared_kv_mask must be a bool, got 'no'"),  # any truthy string switched it on
+        ({"shared_kv_mask": 1}, "shared_kv_mask must be a bool, got 1"),
+        ({"threshold": torch.full((4,), 0.9, device="meta")}, "must hold values, got a tensor on the meta device"),
         ({"block_size": 0}, "block_size must be a positive int"),
         ({"block_size": -128}, "block_size must be a positive int"),
         ({"min_seq_len": -1}, "min_seq_len"),

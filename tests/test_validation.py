@@ -251,11 +251,53 @@ def test_method_from_spec_builds_the_right_object() -> None:
         ("xattention:threshold=1.5", r"threshold must lie in \(0, 1\]"),
         ("xattention:threshold=abc", "threshold must be a float"),
         ("xattention:stride=3", "multiple of stride"),
+        # each value is read as its field's type: these used to build a method with other settings than asked
+        ("xattention:shared_kv_mask=maybe", r"shared_kv_mask must be a bool \(true or false\), got 'maybe'"),
+        ("xattention:shared_kv_mask=1", "shared_kv_mask must be a bool"),
+        ("xattention:stride=true", "stride must be an int, got 'true'"),
+        ("xattention:stride=8.0", "stride must be an int, got '8.0'"),
+        ("xattention:threshold=0.5,threshold=0.9", "'threshold' is given more than once"),
+        ("xattention:threshold=0.5,THRESHOLD=0.9", "'threshold' is given more than once"),
+        ("vertical_slash:last_q=none", "last_q must be an int, got 'none'"),
+        (None, "a method spec must be a string"),
+        (3, "a method spec must be a string"),
     ],
 )
 def test_method_from_spec_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         xa.method_from_spec(spec)
+
+
+def test_method_from_spec_reads_values_as_their_field_types() -> None:
+    m = xa.method_from_spec("xattention:shared_kv_mask=FALSE,threshold=1,stride=16")
+    assert m.shared_kv_mask is False and type(m.threshold) is float and m.threshold == 1.0 and m.stride == 16
+    v = xa.method_from_spec("vertical_slash:vertical_size=0.5,slash_size=7,threshold=none")
+    assert (v.vertical_size, v.slash_size, v.threshold) == (0.5, 7, None)
+    assert type(v.slash_size) is int and type(v.vertical_size) is float  # a count and a fraction
+
+
+def test_method_from_spec_takes_a_thresholds_file(tmp_path) -> None:
+    """``thresholds=FILE`` is part of the one spec grammar: ``xattention eval`` took it, ``method_from_spec`` did not."""
+    path = tmp_path / "t.json"
+    xa.save_thresholds(path, torch.tensor([[0.5, 0.6], [0.7, 1.0], [0.8, 0.9]]), model_name="tiny")
+    layers = xa.method_from_spec(f"xattention:stride=4,block_size=16,thresholds={path}", min_seq_len=0)
+    assert isinstance(layers, dict) and sorted(layers) == [0, 1, 2]
+    for i, m in layers.items():
+        assert type(m) is xa.XAttention and (m.stride, m.block_size, m.min_seq_len) == (4, 16, 0)
+        assert torch.equal(m.threshold, xa.load_thresholds(path)[i])
+    from xattention.methods.registry import single_method_from_spec
+
+    for spec, message in [
+        (f"xattention:threshold=0.9,thresholds={path}", "not both"),
+        (f"xattention:thresholds={tmp_path / 'missing.json'}", "does not exist"),
+        (f"streaming:thresholds={path}", "has no threshold"),
+        (f"oracle:thresholds={path}", "threshold is one number"),
+        (f"xattention:thresholds={path},thresholds={path}", "more than once"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            xa.method_from_spec(spec)
+    with pytest.raises(ValueError, match="bench methods runs one method"):
+        single_method_from_spec(f"xattention:thresholds={path}", where="bench methods")
 
 
 def test_parse_spec_splits_name_and_items() -> None:

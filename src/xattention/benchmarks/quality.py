@@ -68,8 +68,8 @@ def sweep(
         One dict per point: ``curve``, ``spec``, ``knob``, ``value``, and per layer (in ``sorted(qk)`` order)
         ``layer_density`` and ``layer_mass`` (each averaged over batch and heads), plus their means ``density``/``mass``.
     """
-    from .. import method_from_spec
     from ..kernels.reference import true_block_scores
+    from ..methods.registry import single_method_from_spec
 
     if not qk:
         raise ValueError("qk is empty: no attention layer was captured")
@@ -77,7 +77,8 @@ def sweep(
     for curve, template, knob, values in sweeps:
         for value in values:
             spec = template.format(value)
-            method = method_from_spec(spec, min_seq_len=0, block_size=block_size)  # fail before any work
+            # fail before any work
+            method = single_method_from_spec(spec, where="bench quality", min_seq_len=0, block_size=block_size)
             points.append({"curve": curve, "spec": spec, "knob": knob, "value": value, "method": method,
                            "layer_density": [], "layer_mass": []})  # fmt: skip
     for layer, (q, k) in sorted(qk.items()):

@@ -27,6 +27,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -780,22 +781,33 @@ def _parse_candidates(text: str) -> list[float]:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xattention calibrate``: load the model, calibrate, save the thresholds, print the comparison."""
+    from ._extras import require_model
+    from ._parsing import parse_device
+    from .methods import XAttention
     from .models import load_model
     from .thresholds import save_thresholds
 
+    # everything the model is not needed for, before it loads
+    require_model(args.model)
     kind, value = parse_target(args.target)
     lengths = parse_lengths(args.lengths)
     candidates = _parse_candidates(args.candidates)
+    XAttention(stride=args.stride, block_size=args.block_size)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be positive, got {args.samples}")
+    device = None if args.device is None else parse_device(args.device)  # None: the model loader's choice
     text = None
     if args.text is not None:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({exc})") from None
     dtype = None
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     model.eval()
     thresholds, report = calibrate(
         model, tokenizer, lengths=lengths, target=(kind, value), stride=args.stride, candidates=candidates,

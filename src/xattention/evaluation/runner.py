@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._parsing import parse_lengths
+from .._parsing import parse_device, parse_lengths
 from ..methods import Method, method_from_spec
 from ..methods.registry import single_method_from_spec, split_method_specs, split_thresholds
 from .scoring import score
@@ -151,6 +151,7 @@ class EvalConfig:
         self.task_names = resolve_tasks(self.tasks)
         self.length_values = parse_lengths(self.lengths)
         self.method_list = parse_methods(self.methods)
+        parse_device(self.device)  # an unknown name or a GPU this torch cannot use fails here, not in load_model
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be a positive integer, got {self.samples!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -287,12 +288,8 @@ def _check_context(lengths: Sequence[int], limit: int | None, model: str) -> Non
 
 
 def _resolve_device(device: str | None) -> str:
-    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU."""
-    if device not in (None, "auto"):
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU (see :func:`parse_device`)."""
+    return str(parse_device(device))
 
 
 def _device_of(model: Any) -> Any:

@@ -154,6 +154,8 @@ def head_statistics(
     for layer in sorted(qk):
         q, k = qk[layer]
         _, hq, _, _, _, _ = check_qkv(q, k)
+        if q.is_meta:  # statistics are values: a meta tensor has none (it failed copying the tables to the CPU)
+            raise ValueError(f"layer {layer}: q and k are on the meta device; calibration needs their values")
         if num_heads is not None and hq != num_heads:
             raise ValueError(f"layer {layer} has {hq} query heads but earlier layers have {num_heads}")
         num_heads = hq
@@ -177,6 +179,8 @@ def _check_tables(density: Tensor, mass: Tensor, candidates: Sequence[float]) ->
         raise ValueError(f"tables have {density.shape[-1]} candidates but {len(cands)} thresholds were given")
     if density.numel() == 0:
         raise ValueError(f"tables are empty: shape {tuple(density.shape)}")
+    if density.is_meta or mass.is_meta:
+        raise ValueError("density and mass are on the meta device; choosing thresholds needs their values")
     if bool(density.isnan().any() | mass.isnan().any()):
         raise ValueError("density and mass must not hold NaN")
     return cands

@@ -79,19 +79,31 @@ def test_a_cuda_device_without_a_gpu(tmp_path, capsys, monkeypatch, no_model) ->
     assert "no CUDA GPU is visible" in _one_line_error(capsys, "demo")
 
 
+# the demo's flags that must be at least some number, and that number
+AT_LEAST = (("--length", 1), ("--layer", 0), ("--head", 0), ("--max-new-tokens", 1))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--threshold", "2"], r"threshold must lie in (0, 1], got 2.0"),
+        (["--threshold", "nan"], "threshold must lie in (0, 1]"),
+        (["--stride", "3"], "multiple of stride (3)"),
+        (["--block-size", "0"], "block_size must be a positive int"),
+        (["--depth", "1.5"], "--depth must lie in [0, 1]"),
+        (["--dtype", "float8"], "--dtype 'float8' is not a torch dtype"),
+        *(([flag, str(least - 1)], f"{flag} must be at least {least}, got {least - 1}") for flag, least in AT_LEAST),
+    ],
+)
+def test_bad_demo_arguments_fail_before_the_model_loads(tmp_path, capsys, no_model, extra, message) -> None:  # noqa: F811
+    """``demo --threshold 2`` used to fail only after the ~18 s model load."""
+    assert cli.main(["demo", *extra, "--out", str(tmp_path / "out.png")]) == 2 and no_model == []
+    assert message in _one_line_error(capsys, "demo")
+
+
 @pytest.mark.parametrize(
     ("command", "extra", "message"),
     [
-        ("demo", ["--threshold", "2"], r"threshold must lie in (0, 1], got 2.0"),
-        ("demo", ["--threshold", "nan"], "threshold must lie in (0, 1]"),
-        ("demo", ["--stride", "3"], "multiple of stride (3)"),
-        ("demo", ["--block-size", "0"], "block_size must be a positive int"),
-        ("demo", ["--depth", "1.5"], "--depth must lie in [0, 1]"),
-        ("demo", ["--length", "0"], "--length must be at least 1"),
-        ("demo", ["--layer", "-1"], "--layer must be at least 0"),
-        ("demo", ["--head", "-2"], "--head must be at least 0"),
-        ("demo", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
-        ("demo", ["--dtype", "float8"], "--dtype 'float8' is not a torch dtype"),
         ("calibrate", ["--stride", "5"], "multiple of stride (5)"),
         ("calibrate", ["--samples", "0"], "--samples must be positive"),
         ("calibrate", ["--text", "/nonexistent/corpus.txt"], "--text /nonexistent/corpus.txt: cannot read it"),
@@ -99,6 +111,5 @@ def test_a_cuda_device_without_a_gpu(tmp_path, capsys, monkeypatch, no_model) ->
     ],
 )
 def test_bad_arguments_fail_before_the_model_loads(tmp_path, capsys, no_model, command, extra, message) -> None:  # noqa: F811
-    """``demo --threshold 2`` used to fail only after the ~18 s model load."""
     assert cli.main([*COMMANDS[command], *extra, "--out", str(tmp_path / "out")]) == 2 and no_model == []
     assert message in _one_line_error(capsys, command)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
@@ -150,6 +152,36 @@ def test_per_head_threshold_right_length_works() -> None:
 def test_xattention_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         xa.XAttention(**kwargs)
+
+
+def test_a_subclass_field_of_another_type_is_checked_too() -> None:
+    """The base reads every subclass annotation: str and list fields are checked, ``Any``/``Literal`` left to the class."""
+    @dataclass(kw_only=True, eq=False)
+    class Tagged(xa.Dense):
+        name: ClassVar[str] = "tagged"
+        tag: str = "x"
+        sizes: list[int] | None = None
+        mode: Literal["a", "b"] = "a"
+        extra: Any = None
+
+    m = Tagged(tag="y", sizes=[1], mode="b", extra=object())
+    assert (m.tag, m.sizes, m.mode) == ("y", [1], "b")
+    with pytest.raises(ValueError, match="tag must be a str, got 3"):
+        Tagged(tag=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"sizes must be a list or None, got \(1,\)"):
+        Tagged(sizes=(1,))  # type: ignore[arg-type]
+
+    class Local:  # a type only this function knows: the annotations do not resolve, the base's fields are still checked
+        pass
+
+    @dataclass(kw_only=True, eq=False)
+    class WithLocal(xa.Dense):
+        name: ClassVar[str] = "with_local"
+        thing: Local | None = None
+
+    assert WithLocal(thing=Local()).thing is not None
+    with pytest.raises(ValueError, match="block_size must be an int, got True"):
+        WithLocal(block_size=True)
 
 
 def test_dense_config_errors() -> None:

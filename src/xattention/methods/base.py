@@ -33,19 +33,36 @@ _TYPE_NAMES: dict[type, str] = {bool: "a bool", int: "an int", float: "a float",
 
 @functools.cache
 def field_types(cls: type) -> dict[str, tuple[type, ...]]:
-    """The types each dataclass field of ``cls`` admits, from its annotation: ``float | None`` -> ``(float, NoneType)``."""
-    hints = typing.get_type_hints(cls)
+    """The types each dataclass field of ``cls`` admits, from its annotation: ``float | None`` -> ``(float, NoneType)``,
+    ``list[int]`` -> ``(list,)``. Fields whose annotation is no class (``Any``, ``Literal[...]``) are left out: they are
+    the subclass's to check."""
+    hints = _type_hints(cls)
     out = {}
     for f in fields(cls):
+        if f.name not in hints:
+            continue
         hint = hints[f.name]
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-        out[f.name] = typing.get_args(hint) if union else (hint,)
+        allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,)))
+        if all(isinstance(t, type) and t is not Any for t in allowed):  # Any is a class on Python >= 3.11
+            out[f.name] = allowed
     return out
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of ``cls``, or of its nearest base whose annotations resolve (a class defined in a
+    function may name types only that function's scope knows: its own fields are then the class's to check)."""
+    for klass in cls.__mro__:
+        try:
+            return typing.get_type_hints(klass)
+        except NameError:
+            continue
+    return {}
 
 
 def describe_types(allowed: tuple[type, ...]) -> str:
     """``(float, NoneType)`` -> ``"a float or None"`` (for error messages)."""
-    return " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in allowed)
+    return " or ".join(_TYPE_NAMES.get(t, f"a {t.__name__}") for t in allowed)
 
 
 def _has_type(value: object, allowed: tuple[type, ...]) -> bool:

@@ -39,6 +39,8 @@ def _parse_value(key: str, text: str, allowed: tuple[type, ...]) -> Any:
             pass
     if type(None) in allowed and lowered == "none":
         return None
+    if str in allowed:
+        return text
     spellable = tuple(t for t in allowed if t in (bool, int, float, type(None))) or allowed  # no Tensor in a spec
     hint = " (true or false)" if bool in spellable else ""
     raise ValueError(f"{key} must be {describe_types(spellable)}{hint}, got {text!r}")
@@ -63,12 +65,12 @@ def method_from_spec(spec: str, **defaults: Any) -> Method | dict[int, Method]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
-    types = field_types(cls)
-    kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k in types}
+    names, types = {f.name for f in dataclasses.fields(cls)}, field_types(cls)
+    kwargs: dict[str, Any] = {k: v for k, v in defaults.items() if k in names}
     for key, value in items:
-        if key not in types:
-            raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(sorted(types))}")
-        kwargs[key] = _parse_value(key, value, types[key])
+        if key not in names:
+            raise ValueError(f"{name} has no parameter {key!r}; it takes {', '.join(sorted(names))}")
+        kwargs[key] = _parse_value(key, value, types[key]) if key in types else value  # unannotated: the class checks
     method = cls(**kwargs)
     if path is None:
         return method
@@ -99,10 +101,9 @@ def split_thresholds(spec: str) -> tuple[str, str | None]:
 def _per_layer(spec: str, method: Method, path: str) -> dict[int, Method]:
     from ..thresholds import load_thresholds
 
-    allowed = field_types(type(method)).get("threshold")
-    if allowed is None:
+    if "threshold" not in {f.name for f in dataclasses.fields(method)}:
         raise ValueError(f"{spec!r}: {type(method).__name__} has no threshold, so per-head thresholds cannot apply")
-    if Tensor not in allowed:
+    if Tensor not in field_types(type(method)).get("threshold", (Tensor,)):
         raise ValueError(f"{spec!r}: {type(method).__name__}'s threshold is one number, so per-head thresholds cannot apply")
     if not Path(path).is_file():
         raise ValueError(f"{spec!r}: thresholds file {path} does not exist (make one with xattention calibrate)")

@@ -1,4 +1,4 @@
-"""Method registry and the ``name:key=value,...`` spec syntax used on the command line."""
+"""Method registry and the one ``name:key=value,...`` spec grammar every entry point reads methods with."""
 
 from __future__ import annotations
 

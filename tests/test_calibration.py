@@ -190,6 +190,9 @@ def test_statistics_bad_input() -> None:
         head_statistics({0: (q, k)}, candidates=[0.5], stride=3, block_size=16)
     with pytest.raises(ValueError, match="query heads"):
         head_statistics({0: (q, k), 1: (torch.randn(1, 4, 32, 8), k)}, candidates=[0.5], stride=4, block_size=16)
+    meta = torch.empty(1, 2, 32, 8, device="meta")  # used to fail copying the tables ("no data")
+    with pytest.raises(ValueError, match="meta device"):
+        head_statistics({0: (meta, meta)}, candidates=[0.5], stride=4, block_size=16)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,6 +297,8 @@ def test_choose_bad_input() -> None:
         choose_thresholds(HAND_D[0], HAND_M[0], HAND_CANDS, min_mass=0.9)
     with pytest.raises(ValueError, match="min_mass"):
         choose_thresholds(HAND_D, HAND_M, HAND_CANDS, min_mass=1.5)
+    with pytest.raises(ValueError, match="meta device"):  # used to be Tensor.item()'s RuntimeError
+        choose_thresholds(HAND_D.to("meta"), HAND_M.to("meta"), HAND_CANDS, min_mass=0.9)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

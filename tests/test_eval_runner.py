@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import xattention as xa
 from test_eval_tasks import WordTokenizer
 from xattention.evaluation import report, runner
 from xattention.evaluation.runner import EvalConfig, parse_lengths, parse_methods, read_results, run_eval
@@ -413,6 +414,25 @@ def test_per_head_thresholds_reach_a_real_model(tmp_path) -> None:
                  methods=f"xattention:thresholds={wrong}")  # fmt: skip
     with pytest.raises(ValueError, match=r"\[3, 4\] but the model needs \[2, 4\]"):
         run_eval(run, load_model=lambda name, **kw: (model, tok), integration=hf)
+
+
+def test_a_thresholds_spec_from_method_from_spec_runs_in_apply(tmp_path) -> None:
+    """``method_from_spec`` takes ``thresholds=FILE`` as eval does; its per-layer dict gives apply(thresholds=FILE)'s logits."""
+    hf = pytest.importorskip("xattention.integrations.hf")
+    model, _ = _tiny_llama()
+    table = torch.tensor([[0.3, 0.5, 0.7, 0.9], [1.0, 0.4, 0.6, 0.8]], dtype=torch.float64)
+    path = tmp_path / "t.json"
+    xa.save_thresholds(path, table, model_name="tiny")
+    ids = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(0))
+    base = xa.XAttention(block_size=16, stride=4, min_seq_len=0)
+    with torch.no_grad():
+        hf.apply(model, base, thresholds=path)
+        expected = model(input_ids=ids).logits
+        hf.apply(model, xa.method_from_spec(f"xattention:block_size=16,stride=4,thresholds={path}", min_seq_len=0))
+        got = model(input_ids=ids).logits
+        hf.remove(model)
+        dense = model(input_ids=ids).logits
+    assert torch.equal(got, expected) and not torch.allclose(got, dense)
 
 
 def test_method_family_groups_a_sweep_into_one_curve() -> None:

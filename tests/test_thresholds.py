@@ -74,6 +74,13 @@ def test_missing_file_raises_value_error(tmp_path) -> None:
         load_thresholds(tmp_path / "absent.json")
 
 
+def test_binary_file_raises_value_error_naming_it(tmp_path) -> None:
+    path = tmp_path / "model.gguf"  # e.g. a model file given where the thresholds belong
+    path.write_bytes(b"GGUF\x03\x00\x00\x00\xff\xfe\x80")
+    with pytest.raises(ValueError, match=f"thresholds file {path} is not UTF-8 text"):
+        load_thresholds(path)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -81,6 +88,7 @@ def test_missing_file_raises_value_error(tmp_path) -> None:
         (torch.full((2, 2), 1.5), r"\(0, 1\]"),
         (torch.tensor([[0.5, float("nan")]]), r"\(0, 1\]"),
         (torch.ones(2, 2, dtype=torch.int64), "float"),
+        (torch.full((2, 2), 0.5, device="meta"), "meta device"),  # was Tensor.item()'s RuntimeError
     ],
 )
 def test_save_rejects_bad_tensors(tmp_path, values, message: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import pytest
 import torch
@@ -135,7 +137,13 @@ def test_per_head_threshold_right_length_works() -> None:
         ({"block_size": 100, "stride": 8}, "multiple of stride"),
         ({"block_size": 16, "stride": 32}, "multiple of stride"),
         ({"stride": 0}, "stride must be a positive int"),
-        ({"stride": 8.0}, "stride must be a positive int"),
+        ({"stride": 8.0}, "stride must be an int, got 8.0"),
+        ({"stride": True}, "stride must be an int, got True"),  # a bool passed isinstance(int): ran as stride 1
+        ({"block_size": True, "stride": 1}, "block_size must be an int, got True"),
+        ({"min_seq_len": False}, "min_seq_len must be an int, got False"),
+        ({"shared_kv_mask": "no"}, "shared_kv_mask must be a bool, got 'no'"),  # any truthy string switched it on
+        ({"shared_kv_mask": 1}, "shared_kv_mask must be a bool, got 1"),
+        ({"threshold": torch.full((4,), 0.9, device="meta")}, "must hold values, got a tensor on the meta device"),
         ({"block_size": 0}, "block_size must be a positive int"),
         ({"block_size": -128}, "block_size must be a positive int"),
         ({"min_seq_len": -1}, "min_seq_len"),
@@ -144,6 +152,36 @@ def test_per_head_threshold_right_length_works() -> None:
 def test_xattention_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         xa.XAttention(**kwargs)
+
+
+def test_a_subclass_field_of_another_type_is_checked_too() -> None:
+    """The base reads every subclass annotation: str and list fields are checked, ``Any``/``Literal`` left to the class."""
+    @dataclass(kw_only=True, eq=False)
+    class Tagged(xa.Dense):
+        name: ClassVar[str] = "tagged"
+        tag: str = "x"
+        sizes: list[int] | None = None
+        mode: Literal["a", "b"] = "a"
+        extra: Any = None
+
+    m = Tagged(tag="y", sizes=[1], mode="b", extra=object())
+    assert (m.tag, m.sizes, m.mode) == ("y", [1], "b")
+    with pytest.raises(ValueError, match="tag must be a str, got 3"):
+        Tagged(tag=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"sizes must be a list or None, got \(1,\)"):
+        Tagged(sizes=(1,))  # type: ignore[arg-type]
+
+    class Local:  # a type only this function knows: the annotations do not resolve, the base's fields are still checked
+        pass
+
+    @dataclass(kw_only=True, eq=False)
+    class WithLocal(xa.Dense):
+        name: ClassVar[str] = "with_local"
+        thing: Local | None = None
+
+    assert WithLocal(thing=Local()).thing is not None
+    with pytest.raises(ValueError, match="block_size must be an int, got True"):
+        WithLocal(block_size=True)
 
 
 def test_dense_config_errors() -> None:
@@ -245,11 +283,53 @@ def test_method_from_spec_builds_the_right_object() -> None:
         ("xattention:threshold=1.5", r"threshold must lie in \(0, 1\]"),
         ("xattention:threshold=abc", "threshold must be a float"),
         ("xattention:stride=3", "multiple of stride"),
+        # each value is read as its field's type: these used to build a method with other settings than asked
+        ("xattention:shared_kv_mask=maybe", r"shared_kv_mask must be a bool \(true or false\), got 'maybe'"),
+        ("xattention:shared_kv_mask=1", "shared_kv_mask must be a bool"),
+        ("xattention:stride=true", "stride must be an int, got 'true'"),
+        ("xattention:stride=8.0", "stride must be an int, got '8.0'"),
+        ("xattention:threshold=0.5,threshold=0.9", "'threshold' is given more than once"),
+        ("xattention:threshold=0.5,THRESHOLD=0.9", "'threshold' is given more than once"),
+        ("vertical_slash:last_q=none", "last_q must be an int, got 'none'"),
+        (None, "a method spec must be a string"),
+        (3, "a method spec must be a string"),
     ],
 )
 def test_method_from_spec_errors(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         xa.method_from_spec(spec)
+
+
+def test_method_from_spec_reads_values_as_their_field_types() -> None:
+    m = xa.method_from_spec("xattention:shared_kv_mask=FALSE,threshold=1,stride=16")
+    assert m.shared_kv_mask is False and type(m.threshold) is float and m.threshold == 1.0 and m.stride == 16
+    v = xa.method_from_spec("vertical_slash:vertical_size=0.5,slash_size=7,threshold=none")
+    assert (v.vertical_size, v.slash_size, v.threshold) == (0.5, 7, None)
+    assert type(v.slash_size) is int and type(v.vertical_size) is float  # a count and a fraction
+
+
+def test_method_from_spec_takes_a_thresholds_file(tmp_path) -> None:
+    """``thresholds=FILE`` is part of the one spec grammar: ``xattention eval`` took it, ``method_from_spec`` did not."""
+    path = tmp_path / "t.json"
+    xa.save_thresholds(path, torch.tensor([[0.5, 0.6], [0.7, 1.0], [0.8, 0.9]]), model_name="tiny")
+    layers = xa.method_from_spec(f"xattention:stride=4,block_size=16,thresholds={path}", min_seq_len=0)
+    assert isinstance(layers, dict) and sorted(layers) == [0, 1, 2]
+    for i, m in layers.items():
+        assert type(m) is xa.XAttention and (m.stride, m.block_size, m.min_seq_len) == (4, 16, 0)
+        assert torch.equal(m.threshold, xa.load_thresholds(path)[i])
+    from xattention.methods.registry import single_method_from_spec
+
+    for spec, message in [
+        (f"xattention:threshold=0.9,thresholds={path}", "not both"),
+        (f"xattention:thresholds={tmp_path / 'missing.json'}", "does not exist"),
+        (f"streaming:thresholds={path}", "has no threshold"),
+        (f"oracle:thresholds={path}", "threshold is one number"),
+        (f"xattention:thresholds={path},thresholds={path}", "more than once"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            xa.method_from_spec(spec)
+    with pytest.raises(ValueError, match="bench methods runs one method"):
+        single_method_from_spec(f"xattention:thresholds={path}", where="bench methods")
 
 
 def test_parse_spec_splits_name_and_items() -> None:

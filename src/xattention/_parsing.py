@@ -1,11 +1,12 @@
-"""Command-line value parsing shared by every subcommand (one grammar for lengths everywhere)."""
+"""Command-line value parsing shared by every subcommand (one grammar for lengths and devices everywhere)."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["parse_lengths"]
+__all__ = ["parse_device", "parse_lengths"]
 
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$")
 
@@ -28,3 +29,32 @@ def parse_lengths(text: str | Sequence[int | str]) -> list[int]:
     if not out:
         raise ValueError("no lengths given")
     return sorted(out)
+
+
+def parse_device(text: str | None) -> Any:
+    """``None``/``"auto"`` -> the first CUDA GPU when there is one, else the CPU; otherwise a ``torch.device`` that can
+    run here. ``ValueError`` for a name torch does not know, a CUDA device on a CPU-only build or without a GPU, or a
+    GPU index beyond the ones visible: checked before any model loads."""
+    import torch
+
+    if text is None or str(text).strip().lower() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(str(text).strip())
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {text!r}: use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise ValueError(f"device {text!r}: this torch {torch.__version__} is a CPU-only build; use cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r}: no CUDA GPU is visible; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {text!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    elif device.type == "meta":
+        raise ValueError(f"device {text!r}: the meta device holds no values, so nothing can run on it")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ValueError(f"device {text!r}: this torch cannot run on {device.type}; use cpu")
+    return device

@@ -27,6 +27,7 @@ import math
 import random
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +154,8 @@ def head_statistics(
     for layer in sorted(qk):
         q, k = qk[layer]
         _, hq, _, _, _, _ = check_qkv(q, k)
+        if q.is_meta:  # statistics are values: a meta tensor has none (it failed copying the tables to the CPU)
+            raise ValueError(f"layer {layer}: q and k are on the meta device; calibration needs their values")
         if num_heads is not None and hq != num_heads:
             raise ValueError(f"layer {layer} has {hq} query heads but earlier layers have {num_heads}")
         num_heads = hq
@@ -176,6 +179,8 @@ def _check_tables(density: Tensor, mass: Tensor, candidates: Sequence[float]) ->
         raise ValueError(f"tables have {density.shape[-1]} candidates but {len(cands)} thresholds were given")
     if density.numel() == 0:
         raise ValueError(f"tables are empty: shape {tuple(density.shape)}")
+    if density.is_meta or mass.is_meta:
+        raise ValueError("density and mass are on the meta device; choosing thresholds needs their values")
     if bool(density.isnan().any() | mass.isnan().any()):
         raise ValueError("density and mass must not hold NaN")
     return cands
@@ -780,22 +785,33 @@ def _parse_candidates(text: str) -> list[float]:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``xattention calibrate``: load the model, calibrate, save the thresholds, print the comparison."""
+    from ._extras import require_model
+    from ._parsing import parse_device
+    from .methods import XAttention
     from .models import load_model
     from .thresholds import save_thresholds
 
+    # everything the model is not needed for, before it loads
+    require_model(args.model)
     kind, value = parse_target(args.target)
     lengths = parse_lengths(args.lengths)
     candidates = _parse_candidates(args.candidates)
+    XAttention(stride=args.stride, block_size=args.block_size)
+    if args.samples < 1:
+        raise ValueError(f"--samples must be positive, got {args.samples}")
+    device = None if args.device is None else parse_device(args.device)  # None: the model loader's choice
     text = None
     if args.text is not None:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({exc})") from None
     dtype = None
     if args.dtype is not None:
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
-    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     model.eval()
     thresholds, report = calibrate(
         model, tokenizer, lengths=lengths, target=(kind, value), stride=args.stride, candidates=candidates,

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from xattention._extras import missing_module_message
 from xattention.models import TokenizerMismatchError
 
 __all__ = ["main"]
@@ -59,6 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TokenizerMismatchError) as exc:
         print(f"xattention {args.command}: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    # an optional dependency the command needs is not installed (a base install has no extras): say which extra
+    except ModuleNotFoundError as exc:
+        message = missing_module_message(exc)
+        if message is None:
+            raise
+        print(f"xattention {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

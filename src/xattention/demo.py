@@ -367,15 +367,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="xattention-demo.png", help="heatmap PNG (default %(default)s)")
 
 
-def main(args: argparse.Namespace) -> int:
+def _check_arguments(args: argparse.Namespace) -> Any:
+    """Everything that can be checked without the model (which takes ~18 s to load): the extras, the device and the
+    numbers. Returns the ``torch.device``; ``ValueError`` (or ``ModuleNotFoundError`` naming the extra) otherwise."""
     import torch
+
+    from ._extras import require_model
+    from ._parsing import parse_device
+    from .methods import XAttention
+
+    require_model(args.model, "rich", "matplotlib")
+    device = parse_device(args.device)
+    if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype; use e.g. float32 or bfloat16")
+    XAttention(threshold=args.threshold, stride=args.stride, block_size=args.block_size, min_seq_len=0)
+    if not 0.0 <= args.depth <= 1.0:
+        raise ValueError(f"--depth must lie in [0, 1], got {args.depth}")
+    for flag, value, least in (("--length", args.length, 1), ("--layer", args.layer, 0), ("--head", args.head, 0),
+                               ("--max-new-tokens", args.max_new_tokens, 1)):  # fmt: skip
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    return device
+
+
+def main(args: argparse.Namespace) -> int:
+    device = _check_arguments(args)  # before the model loads
     from rich.console import Console
 
     from .models import ModelFetchError, load_model
 
     console = Console()
     start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     length = args.length or (DEFAULT_GPU_LENGTH if device.type == "cuda" else DEFAULT_CPU_LENGTH)
     try:

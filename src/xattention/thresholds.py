@@ -52,6 +52,8 @@ def save_thresholds(
         raise ValueError(f"thresholds must be a non-empty [num_layers, num_heads] tensor, got {shape}")
     if not thresholds.is_floating_point():
         raise ValueError(f"thresholds must be a float tensor, got {thresholds.dtype}")
+    if thresholds.is_meta:
+        raise ValueError("thresholds must hold values, got a tensor on the meta device")
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
     values = thresholds.detach().to("cpu", torch.float64)
@@ -86,6 +88,8 @@ def load_thresholds(path: str | os.PathLike, *, num_layers: int | None = None, n
         doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ValueError(f"cannot read thresholds file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"thresholds file {path} is not UTF-8 text (a JSON file from save_thresholds): {exc}") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"thresholds file {path} is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

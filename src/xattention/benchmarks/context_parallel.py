@@ -158,7 +158,7 @@ def run(
 
     from ..attention import sparse_attention
     from ..distributed import RingStats, SequenceLayout, ring_sparse_attention, shard_sequence, unshard_sequence
-    from ..methods.registry import method_from_spec
+    from ..methods.registry import single_method_from_spec
 
     rank, world = dist.get_rank(), dist.get_world_size()
     record: dict[str, Any] = {
@@ -184,7 +184,7 @@ def run(
     for length in lengths:
         q_full, k_full, v_full = _inputs(batch, heads, kv_heads, length, head_dim, dtype, device, seed)
         for spec in method_specs:
-            method = method_from_spec(spec, block_size=block_size, min_seq_len=0)
+            method = single_method_from_spec(spec, where="bench context-parallel", block_size=block_size, min_seq_len=0)
             single_ms: float | None = None
             single_out = single_mask = None
             if rank == 0 and (single or check):

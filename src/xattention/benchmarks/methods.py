@@ -71,10 +71,11 @@ def _measure_length(
 def run(lengths: list[int], specs: list[str], *, heads: int, kv_heads: int, head_dim: int, rep_ms: int) -> dict[str, Any]:
     import triton
 
-    from .. import method_from_spec
+    from ..methods.registry import single_method_from_spec
     from .synthetic import structured_qkv
 
-    methods = [(spec, method_from_spec(spec, min_seq_len=0)) for spec in specs]  # fail before any GPU work
+    # fail before any GPU work
+    methods = [(spec, single_method_from_spec(spec, where="bench methods", min_seq_len=0)) for spec in specs]
     device = torch.device("cuda")
     record: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(device),

@@ -68,18 +68,11 @@ def sweep(
         One dict per point: ``curve``, ``spec``, ``knob``, ``value``, and per layer (in ``sorted(qk)`` order)
         ``layer_density`` and ``layer_mass`` (each averaged over batch and heads), plus their means ``density``/``mass``.
     """
-    from .. import method_from_spec
     from ..kernels.reference import true_block_scores
 
     if not qk:
         raise ValueError("qk is empty: no attention layer was captured")
-    points = []
-    for curve, template, knob, values in sweeps:
-        for value in values:
-            spec = template.format(value)
-            method = method_from_spec(spec, min_seq_len=0, block_size=block_size)  # fail before any work
-            points.append({"curve": curve, "spec": spec, "knob": knob, "value": value, "method": method,
-                           "layer_density": [], "layer_mass": []})  # fmt: skip
+    points = _points(sweeps, block_size)  # fail before any work
     for layer, (q, k) in sorted(qk.items()):
         s = scale.get(layer) if isinstance(scale, Mapping) else scale
         lq = q.shape[2]
@@ -93,6 +86,20 @@ def sweep(
         del p["method"]
         p["density"] = sum(p["layer_density"]) / len(p["layer_density"])
         p["mass"] = sum(p["layer_mass"]) / len(p["layer_mass"])
+    return points
+
+
+def _points(sweeps: Sequence[tuple[str, str, str, Sequence[float]]], block_size: int) -> list[dict[str, Any]]:
+    """One dict per (curve, knob value) with its method built; ``ValueError`` for a spec or block size that cannot run."""
+    from ..methods.registry import single_method_from_spec
+
+    points = []
+    for curve, template, knob, values in sweeps:
+        for value in values:
+            spec = template.format(value)
+            method = single_method_from_spec(spec, where="bench quality", min_seq_len=0, block_size=block_size)
+            points.append({"curve": curve, "spec": spec, "knob": knob, "value": value, "method": method,
+                           "layer_density": [], "layer_mass": []})  # fmt: skip
     return points
 
 
@@ -198,9 +205,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .._extras import require_model
+    from .._parsing import parse_device
+
+    # everything the model is not needed for, before it loads
     if args.prompts < 1 or args.length < 1:
         raise ValueError(f"--prompts and --length must be positive, got {args.prompts} and {args.length}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require_model(args.model, "matplotlib")
+    device = str(parse_device(args.device))
+    _points(DEFAULT_SWEEPS, args.block_size)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     record = run(args.model, args.length, args.prompts, tasks=tasks, seed=args.seed, device=device,
                  block_size=args.block_size)  # fmt: skip

@@ -84,7 +84,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(out: str) -> int:
+    from .._extras import require
     from .report import format_markdown, write_report
+
+    require("matplotlib")  # the plot
 
     summary = write_report(out)
     print(format_markdown(summary))
@@ -166,7 +169,11 @@ def main(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         time_budget=args.time_budget,
     )
-    config.validate()  # unknown tasks, methods, parameters and bad lengths fail here, before any model loads
+    config.validate()  # unknown tasks, methods, parameters, devices and bad lengths fail here, before any model loads
+    from .._extras import require_model
+
+    # the model and, at the end, the plot: a base install without the hf extra fails now, not after the run
+    require_model(args.model, "matplotlib")
     try:
         run_eval(config)
     except KeyboardInterrupt:

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._parsing import parse_lengths
+from .._parsing import parse_device, parse_lengths
 from ..methods import Method, method_from_spec
-from ..methods.registry import parse_spec, split_method_specs
+from ..methods.registry import single_method_from_spec, split_method_specs, split_thresholds
 from .scoring import score
 from .tasks import TASKS, Sample, SampleGenerator, resolve_tasks, sample_seed
 
@@ -77,7 +77,8 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
     ``"dense,xattention:threshold=0.9,stride=16"`` is two methods. Labels are the specs with whitespace removed.
     Unknown methods or parameters raise ``ValueError`` (from :func:`~xattention.methods.method_from_spec`).
     A ``thresholds=PATH`` parameter (per-head thresholds from ``xattention calibrate``) is checked here and kept in
-    the label; :func:`method_thresholds` returns it.
+    the label (:func:`method_thresholds` returns it); the method is the one without it, and the run passes the file to
+    ``apply(..., thresholds=PATH)``, which checks its shape against the model.
     """
     if isinstance(specs, str):
         specs = split_method_specs(specs)
@@ -86,10 +87,10 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
         label = "".join(str(spec).split())
         if not label:
             continue
-        rest, path = _without_thresholds(label)
-        method = method_from_spec(rest, min_seq_len=0)
+        rest, path = split_thresholds(label)
+        method = single_method_from_spec(rest, where="xattention eval", min_seq_len=0)
         if path is not None:
-            _check_thresholds_file(label, method, path)
+            method_from_spec(label)  # the file and the method's threshold are checked here, before any model loads
         if label not in [lbl for lbl, _ in out]:
             out.append((label, method))
     if not out:
@@ -99,31 +100,7 @@ def parse_methods(specs: str | Sequence[str]) -> list[tuple[str, Method]]:
 
 def method_thresholds(label: str) -> str | None:
     """The ``thresholds=PATH`` of a method label, or ``None``."""
-    return _without_thresholds(label)[1]
-
-
-def _without_thresholds(label: str) -> tuple[str, str | None]:
-    """``(the spec without thresholds=, the thresholds path or None)``; ``ValueError`` if it also gives threshold=."""
-    name, items = parse_spec(label)
-    paths = [value for key, value in items if key == "thresholds"]
-    if not paths:
-        return label, None
-    if len(paths) > 1:
-        raise ValueError(f"{label!r} gives thresholds= more than once")
-    if any(key == "threshold" for key, _ in items):
-        raise ValueError(f"{label!r}: give threshold= (one for every head) or thresholds=PATH (per head), not both")
-    kept = ",".join(f"{key}={value}" for key, value in items if key != "thresholds")
-    return (f"{name}:{kept}" if kept else name), paths[0]
-
-
-def _check_thresholds_file(label: str, method: Method, path: str) -> None:
-    from ..thresholds import load_thresholds
-
-    if not hasattr(method, "threshold"):
-        raise ValueError(f"{label!r}: {type(method).__name__} has no threshold, so per-head thresholds cannot apply")
-    if not Path(path).is_file():
-        raise ValueError(f"{label!r}: thresholds file {path} does not exist (make one with xattention calibrate)")
-    load_thresholds(path)  # a malformed file fails here, before any model loads; its shape is checked by apply
+    return split_thresholds(label)[1]
 
 
 @dataclass
@@ -174,6 +151,7 @@ class EvalConfig:
         self.task_names = resolve_tasks(self.tasks)
         self.length_values = parse_lengths(self.lengths)
         self.method_list = parse_methods(self.methods)
+        parse_device(self.device)  # an unknown name or a GPU this torch cannot use fails here, not in load_model
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"samples must be a positive integer, got {self.samples!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -310,12 +288,8 @@ def _check_context(lengths: Sequence[int], limit: int | None, model: str) -> Non
 
 
 def _resolve_device(device: str | None) -> str:
-    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU."""
-    if device not in (None, "auto"):
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU (see :func:`parse_device`)."""
+    return str(parse_device(device))
 
 
 def _device_of(model: Any) -> Any:

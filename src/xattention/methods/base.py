@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import types
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -10,7 +13,7 @@ from torch import Tensor
 
 from ..block_mask import BlockMask
 
-__all__ = ["DEFAULT_MIN_SEQ_LEN", "Method", "check_fraction"]
+__all__ = ["DEFAULT_MIN_SEQ_LEN", "Method", "check_fraction", "describe_types", "field_types"]
 
 # Below this many keys `sparse_attention` runs dense attention: selection plus a sparse kernel does not pay for itself on
 # short inputs. Measured crossover on an H200 (see README, "Speed"); override per method with `min_seq_len=`.
@@ -25,12 +28,62 @@ def check_fraction(name: str, value: object) -> None:
         raise ValueError(f"{name} must lie in (0, 1], got {value}")
 
 
+_TYPE_NAMES: dict[type, str] = {bool: "a bool", int: "an int", float: "a float", Tensor: "a Tensor", type(None): "None"}
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The types each dataclass field of ``cls`` admits, from its annotation: ``float | None`` -> ``(float, NoneType)``,
+    ``list[int]`` -> ``(list,)``. Fields whose annotation is no class (``Any``, ``Literal[...]``) are left out: they are
+    the subclass's to check."""
+    hints = _type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        if f.name not in hints:
+            continue
+        hint = hints[f.name]
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        allowed = tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,)))
+        if all(isinstance(t, type) and t is not Any for t in allowed):  # Any is a class on Python >= 3.11
+            out[f.name] = allowed
+    return out
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of ``cls``, or of its nearest base whose annotations resolve (a class defined in a
+    function may name types only that function's scope knows: its own fields are then the class's to check)."""
+    for klass in cls.__mro__:
+        try:
+            return typing.get_type_hints(klass)
+        except NameError:
+            continue
+    return {}
+
+
+def describe_types(allowed: tuple[type, ...]) -> str:
+    """``(float, NoneType)`` -> ``"a float or None"`` (for error messages)."""
+    return " or ".join(_TYPE_NAMES.get(t, f"a {t.__name__}") for t in allowed)
+
+
+def _has_type(value: object, allowed: tuple[type, ...]) -> bool:
+    """Exact field typing: a bool is only a bool (not an int), an int also serves a float field (PEP 484's numeric
+    tower), anything else must be an instance of one of the annotated types (so NumPy scalars other than float64 fail)."""
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    if isinstance(value, float):
+        return float in allowed
+    return any(isinstance(value, t) for t in allowed if t not in (bool, int, float))
+
+
 @dataclass(kw_only=True, eq=False)
 class Method(ABC):
     """Base class of every block-selection method.
 
     Subclasses are ``@dataclass(kw_only=True, eq=False)`` configurations that validate in ``__post_init__`` (calling
-    ``super().__post_init__()``) and implement :meth:`estimate`.
+    ``super().__post_init__()`` first) and implement :meth:`estimate`. The base checks every field's type against its
+    annotation exactly (a bool is not an int, a string is not a bool), so subclasses only check ranges.
 
     Attributes:
         block_size: tokens per block along queries and keys (default 128).
@@ -43,6 +96,10 @@ class Method(ABC):
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
 
     def __post_init__(self) -> None:
+        for name, allowed in field_types(type(self)).items():
+            value = getattr(self, name)
+            if not _has_type(value, allowed):
+                raise ValueError(f"{name} must be {describe_types(allowed)}, got {value!r}")
         if not isinstance(self.block_size, int) or self.block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
         if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:

@@ -50,6 +50,8 @@ class XAttention(Method):
                     f"a per-head threshold must be a 1-D float tensor [Hq], got shape {tuple(self.threshold.shape)} "
                     f"and dtype {self.threshold.dtype}"
                 )
+            if self.threshold.is_meta:  # its values cannot be checked (nor used to select)
+                raise ValueError("a per-head threshold must hold values, got a tensor on the meta device")
             bad = (self.threshold <= 0) | (self.threshold > 1) | self.threshold.isnan()
             if bool(bad.any()):
                 raise ValueError(f"threshold values must lie in (0, 1], got {self.threshold.tolist()}")

@@ -13,7 +13,7 @@ import torch
 
 import xattention as xa
 from xattention import kernels
-from xattention.attention import _LOGGED
+from xattention._logging import WARNED
 from xattention.block_mask import full_block_limit
 from xattention.kernels import fa4
 
@@ -121,7 +121,7 @@ def test_fa4_refused_shape_falls_back_to_triton_exactly(caplog: pytest.LogCaptur
     """Block size 64 is refused (FA4's block-sparse tiles are 128 wide): Triton answers, bit for bit, logged once."""
     q, k, v = _inputs(1, 4, 1, 2000, 2000, 128)
     mask = _random_mask(1, 4, 2000, 2000, 0.3, block=64)
-    _LOGGED.clear()
+    WARNED.clear()
     with caplog.at_level(logging.WARNING, logger="xattention.attention"):
         got = xa.block_sparse_attention(q, k, v, mask, backend="auto")
         xa.block_sparse_attention(q, k, v, mask, backend="auto")

@@ -1,4 +1,4 @@
-"""Attention entry points: validate, then dispatch to Triton, FlexAttention or the PyTorch reference."""
+"""Attention entry points: validate, then dispatch to FlashAttention-4, Triton, FlexAttention or the PyTorch reference."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._logging import warn_once
 from ._validation import check_qkv
 from .block_mask import BlockMask
-from .kernels import fa4, resolve_backend, triton_usable
+from .kernels import fa4, ops, resolve_backend, triton_usable
 from .methods.base import Method
 from .methods.dense import Dense
 
@@ -20,17 +21,16 @@ __all__ = ["block_sparse_attention", "dense_attention", "sparse_attention"]
 logger = logging.getLogger(__name__)
 
 
-_LOGGED: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _LOGGED:
-        _LOGGED.add(message)
-        logger.warning(message)
-
-
 def _portable_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
+
+
+def _check_no_grad(*tensors: Tensor, backend: str) -> None:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ValueError(
+            f"backend={backend!r} is forward-only (prefill): run under torch.no_grad(), or use backend='reference' "
+            "(PyTorch ops, differentiable) or 'flex' for gradients"
+        )
 
 
 def dense_attention(
@@ -50,9 +50,9 @@ def dense_attention(
         raise ValueError(f"dense_attention backend must be 'auto', 'fa4' or 'sdpa', got {backend!r}")
     if backend != "sdpa" and resolve_backend(backend, q.device, supported=("reference", "fa4")) == "fa4":
         reason = fa4.refusal(q, k)
-        if reason is None:
-            return fa4.dense_attention(q, k, v, causal=causal, scale=scale)
-        _log_once(f"FlashAttention-4 refuses {reason}: dense attention runs through SDPA")
+        if reason is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+            return ops.fa4_dense_attention(q, k, v, causal, scale).transpose(1, 2)
+        warn_once(logger, f"FlashAttention-4 dense takes no {reason or 'gradients here'}: dense attention runs through SDPA")
     mask: Tensor | None = None
     is_causal = causal and lq == lk
     if causal and lq != lk:
@@ -62,21 +62,18 @@ def dense_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=hq != hkv)
 
 
-def _run_fa4(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None, return_lse: bool):
-    """FA4 over ``mask``, or ``None`` (logged once) where FA4 refuses the input: the caller then runs Triton."""
-    reason = fa4.refusal(q, k, block_size=mask.block_size)
-    if reason is None:
-        try:
-            return fa4.block_sparse_attention(
-                q, k, v, mask.mask, block_size=mask.block_size, causal=mask.causal, scale=scale, return_lse=return_lse,
-                shared_heads=mask.shared_heads,
-            )  # fmt: skip
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a shape FA4's JIT cannot compile: the exact Triton kernel answers instead
-            reason = f"this input ({type(exc).__name__}: {exc})"
-    _log_once(f"FlashAttention-4 refuses {reason}: block-sparse attention runs through {_portable_backend(q.device)}")
-    return None
+def _gpu_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask, scale: float | None, backend: str):
+    """``(out, lse)`` through the FA4 or Triton custom op; FA4 refusals known from the shapes go to Triton here,
+    any other refusal inside the op (logged once)."""
+    _check_no_grad(q, k, v, backend=backend)
+    if backend == "fa4":
+        reason = fa4.refusal(q, k, block_size=mask.block_size)
+        if reason is None:
+            out, lse = ops.fa4_block_sparse_attention(q, k, v, mask.mask, mask.block_size, mask.causal, scale,
+                                                      mask.shared_heads)  # fmt: skip
+            return out.transpose(1, 2), lse
+        warn_once(logger, f"FlashAttention-4 refuses {reason}: block-sparse attention runs through Triton")
+    return ops.triton_block_sparse_attention(q, k, v, mask.mask, mask.block_size, mask.causal, scale)
 
 
 def block_sparse_attention(
@@ -99,6 +96,8 @@ def block_sparse_attention(
         backend: ``"auto"`` (FlashAttention-4 on compute capability 9.x-11.x when ``flash_attn.cute`` imports, else
             Triton on capability >= 8.0, else the reference), ``"fa4"``, ``"triton"``, ``"flex"``, ``"reference"``.
             Where FA4 refuses an input (dtype, head dim, block size) the Triton kernel runs instead, logged once.
+            The GPU kernels are forward-only: with an input that requires grad they raise ``ValueError`` (the
+            reference, plain PyTorch, and ``"flex"`` are differentiable).
         return_lse: also return the float32 natural-log LSE ``[B, Hq, Lq]`` (``-inf`` where a query sees no key), for
             merging partial results; not with ``"flex"``.
     Returns:
@@ -117,16 +116,10 @@ def block_sparse_attention(
     if mask.mask.device != q.device:
         raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")
     chosen = resolve_backend(backend, q.device, supported=("reference", "triton", "flex", "fa4"))
-    if chosen == "fa4":
-        result = _run_fa4(q, k, v, mask, scale, return_lse)
-        if result is not None:
-            return result
-        chosen = _portable_backend(q.device)
+    if chosen in ("fa4", "triton"):
+        out, lse = _gpu_attention(q, k, v, mask, scale, chosen)
+        return (out, lse) if return_lse else out
     kwargs = {"block_size": mask.block_size, "causal": mask.causal, "scale": scale}
-    if chosen == "triton":
-        from .kernels.block_sparse_attention import block_sparse_attention as triton_kernel
-
-        return triton_kernel(q, k, v, mask.mask, return_lse=return_lse, **kwargs)
     if chosen == "flex":
         if return_lse:
             raise ValueError("backend='flex' does not return the LSE; use 'fa4', 'triton' or 'reference'")

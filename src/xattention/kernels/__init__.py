@@ -10,18 +10,34 @@ import os
 
 import torch
 
-__all__ = ["BACKENDS", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
+__all__ = ["BACKENDS", "capability", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 
 
+# Constants for one process: torch.compile reads them once instead of tracing into importlib / the CUDA driver.
+@torch.compiler.assume_constant_result
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@torch.compiler.assume_constant_result
+def _capability_of(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability of a CUDA ``device``."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def triton_usable(device: torch.device) -> bool:
     """Triton kernels run on CUDA devices of compute capability >= 8.0, or anywhere under ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("triton") is None:
+    if not _installed("triton"):
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cuda" and capability(device) >= (8, 0)
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:
@@ -29,7 +45,7 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
     if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if torch.cuda.get_device_capability(t.device) < (9, 0) or t.element_size() != 2:
+    if capability(t.device) < (9, 0) or t.element_size() != 2:
         return False
     return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
@@ -40,7 +56,7 @@ def fa4_usable(device: torch.device) -> bool:
         return False
     from .fa4 import fa4_available
 
-    return torch.cuda.get_device_capability(device)[0] in (9, 10, 11) and fa4_available()
+    return capability(device)[0] in (9, 10, 11) and fa4_available()
 
 
 def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = ("reference", "triton")) -> str:

@@ -41,6 +41,7 @@ FA4_BLOCK = 128
 MAX_MASKED_PER_ROW = 2
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def fa4_available() -> bool:
     """``flash_attn.cute`` (package ``flash-attn-4``) can be imported."""
@@ -63,11 +64,14 @@ def fa4_usable(t: Tensor) -> bool:
 
 def refusal(q: Tensor, k: Tensor, *, block_size: int | None = None) -> str | None:
     """Why FA4 would refuse these inputs (``None`` when it takes them): dtype, head dim, and for block-sparse
-    (``block_size`` given) the block geometry. The checks FA4's interface makes, made before calling it."""
+    (``block_size`` given) the block geometry. The checks FA4's interface makes, made before calling it, from shapes
+    and dtypes alone (so they trace under ``torch.compile``)."""
+    from . import capability
+
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (FA4 takes float16/bfloat16)"
     d = q.shape[-1]
-    major = torch.cuda.get_device_capability(q.device)[0]
+    major = capability(q.device)[0]
     if d % 8 or d > 256 or (major != 9 and d > 128 and d != 256):
         return f"head dim {d}"
     if block_size is not None:
@@ -75,8 +79,8 @@ def refusal(q: Tensor, k: Tensor, *, block_size: int | None = None) -> str | Non
             return f"block_size {block_size} (FA4 block-sparse uses {FA4_BLOCK})"
         if major == 9 and d > 128:  # the sm90 tile for D > 128 is narrower than a 128-key block
             return f"block-sparse at head dim {d} on compute capability 9.x"
-    if any(t.data_ptr() % 16 or t.stride(-1) != 1 for t in (q, k)):
-        return "unaligned or non-unit-stride inputs"
+    if any(t.stride(-1) != 1 for t in (q, k)):
+        return "inputs without unit stride along D"
     return None
 
 
@@ -154,7 +158,8 @@ def block_sparse_attention(
         )
         out, lse = _fa4_forward(fq, fk, fv, scale=scale, return_lse=return_lse, causal=causal,
                                 block_sparse_tensors=tensors, pack_gqa=True)  # fmt: skip
-        out = out.reshape(bsz, hq, lq, d)
+        # FA4 wrote [Hkv, Lq, G, D]: one copy into [1, Lq, Hq, D], returned as the usual [B, Hq, Lq, D] view
+        out = out.transpose(1, 2).permute(1, 0, 2, 3).reshape(bsz, lq, hq, d).transpose(1, 2)
         lse = lse.reshape(bsz, hq, lq) if lse is not None else None
     else:
         tensors = block_sparse_tensors(mask, q_len=lq, k_len=lk, block_size=block_size, causal=causal)

@@ -86,18 +86,24 @@ class XAttention(Method):
     ) -> BlockMask:
         _, hq, hkv, lq, lk, _ = check_qkv(q, k)
         thresholds = self.head_thresholds(hq, q.device)
-        if resolve_backend(backend, q.device) == "triton":
-            from ..kernels import antidiagonal as scoring
-            from ..kernels import select as selection
-        else:
-            from ..kernels import reference as scoring
-            from ..kernels import reference as selection
+        on_triton = resolve_backend(backend, q.device) == "triton"
+        if on_triton:
+            from ..kernels import ops
 
-        scores = scoring.antidiagonal_block_scores(
-            q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
-        )
+            scores = ops.block_scores(q, k, self.stride, self.block_size, causal, scale)
+        else:
+            from ..kernels import reference
+
+            scores = reference.antidiagonal_block_scores(
+                q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
+            )
         scores, thresholds = self.pool_kv_groups(scores, thresholds, hkv)
-        mask = selection.select_blocks(scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal)
+        if on_triton:
+            mask = ops.select(scores, thresholds, lq, lk, self.block_size, causal)
+        else:
+            mask = reference.select_blocks(
+                scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal
+            )
         shared = hq // mask.shape[1]
         if shared > 1:
             mask = mask.repeat_interleave(shared, dim=1)

@@ -28,6 +28,7 @@ from .methods import (
 )
 from .metrics import attention_mass_kept
 from .thresholds import load_thresholds, save_thresholds
+from .window import sliding_window_attention
 
 __version__ = "0.1.0"
 
@@ -52,5 +53,6 @@ __all__ = [
     "register",
     "remove",
     "save_thresholds",
+    "sliding_window_attention",
     "sparse_attention",
 ]

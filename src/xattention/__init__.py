@@ -14,6 +14,7 @@ from __future__ import annotations
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
 from .integrations.hf import apply, register, remove  # transformers is imported inside these functions only
+from .integrations.prefill import Prefilled, prefill
 from .methods import (
     DEFAULT_MIN_SEQ_LEN,
     METHODS,
@@ -40,6 +41,7 @@ __all__ = [
     "FlexPrefill",
     "Method",
     "Oracle",
+    "Prefilled",
     "Streaming",
     "VerticalSlash",
     "XAttention",
@@ -50,6 +52,7 @@ __all__ = [
     "dense_attention",
     "load_thresholds",
     "method_from_spec",
+    "prefill",
     "register",
     "remove",
     "save_thresholds",

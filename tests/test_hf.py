@@ -3,6 +3,7 @@ runs at low tau, decode stays dense, remove() restores SDPA exactly, padding, pe
 
 from __future__ import annotations
 
+import copy
 import inspect
 import subprocess
 import sys
@@ -406,3 +407,101 @@ def test_gemma2_soft_capping_runs_transformers_eager_attention() -> None:
     expected = logits(model, x)
     xa.apply(model, xatt(0.3))
     torch.testing.assert_close(logits(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_generate(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Greedy 20 tokens with ``model.forward`` compiled; returns (tokens, frames compiled, graph breaks). The eager
+    backend: recompiles are dynamo's decision (guards), independent of the backend, and it keeps the test fast."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        out = model.generate(x, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    finally:
+        del model.forward  # back to the class's forward
+        frames, breaks = counters["frames"]["total"], sum(counters["graph_break"].values())
+        torch._dynamo.reset()
+    return out, frames, breaks
+
+
+def test_compiled_decode_recompiles_no_more_than_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a graph break in every layer's prefill made dynamo compile each layer's frames apart (and every model
+    forward sharing transformers' deprecation wrapper), so decode ran into the recompile limit. Now the compiled
+    prefill traces the sparse path whole and a compiled xattention model compiles no more frames than a dense one."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = ids(length=100)
+    _, dense_frames, dense_breaks = _compiled_generate(model, x)
+    xa.apply(model, xatt(0.9))
+    expected = model.generate(x, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    traced = []
+    real = hf.block_sparse_attention
+    monkeypatch.setattr(hf, "block_sparse_attention", lambda *a, **kw: traced.append(1) or real(*a, **kw))
+    got, frames, breaks = _compiled_generate(model, x)
+    assert breaks == dense_breaks == 0
+    assert frames <= dense_frames
+    assert traced, "the compiled prefill did not trace the sparse path"
+    assert torch.equal(got, expected)
+
+
+def _count_syncs_in_hook(model: torch.nn.Module, mode: str, **inputs) -> int:
+    """Run one forward with the registered attention function under ``torch.cuda.set_sync_debug_mode(mode)`` (only
+    xattention's own code and the kernels it calls; transformers' model code is outside) and count the synchronising
+    operations it reported ("warn" mode)."""
+    import warnings
+
+    from transformers.modeling_utils import AttentionInterface
+
+    def guarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            return hf.xattention_attention_forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    AttentionInterface.register(hf.ATTN_IMPLEMENTATION, guarded)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(**inputs)
+            torch.cuda.synchronize()
+    finally:
+        xa.register()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_cuda_prefill_never_synchronises_and_padding_reads_once(llama) -> None:
+    """No host synchronisation in the sparse prefill of an unpadded prompt (error mode raises on the first one); a
+    padded batch reads its mask once per forward, not once per layer (3 layers here)."""
+    model = copy.deepcopy(llama).to("cuda", torch.bfloat16)
+    xa.apply(model, xa.XAttention(block_size=64, stride=8, threshold=0.9, min_seq_len=0))
+    x = ids(length=1024).cuda()
+    _count_syncs_in_hook(model, "error", input_ids=x)
+    mask = torch.ones(2, 1024, dtype=torch.long, device="cuda")
+    mask[1, :300] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    syncs = _count_syncs_in_hook(model, "warn", input_ids=torch.cat([x, x]), attention_mask=mask, position_ids=position_ids)
+    assert syncs == 1
+
+
+@pytest.mark.gpu
+def test_cuda_gemma3_prefill_reads_the_sliding_mask_once(gemma) -> None:
+    """gemma-3 without padding: the full layers' mask is None (no read), the sliding layers' band mask is checked once
+    for the forward; the local layers then run sliding_window_attention (FA4 where usable) without synchronising."""
+    model = copy.deepcopy(gemma).to("cuda", torch.bfloat16)
+    xa.apply(model, xa.XAttention(block_size=64, stride=8, threshold=0.9, min_seq_len=0))
+    assert _count_syncs_in_hook(model, "warn", input_ids=ids(length=1024).cuda()) == 1

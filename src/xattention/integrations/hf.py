@@ -341,13 +341,17 @@ def _local_attention(
         # transformers leaves the mask out only where the window cannot bind (Lk <= window), or for an empty static
         # cache (keys past the queries are empty slots)
         key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], min(k_len, q_len)
-        if k_len > window:
+        if k_len > window:  # the model built a full causal mask for this layer: do what SDPA with it would
+            _log_once("xattention: a sliding-window layer got no mask over more keys than its window; SDPA runs")
             return None
-    elif torch.compiler.is_compiling() or not state.masks.get(  # while compiling: reading the mask breaks the graph
+    elif torch.compiler.is_compiling():  # reading the mask would break the graph
+        return None
+    elif not state.masks.get(
         attention_mask,
         ("window", q_len, k_len, window),
         lambda: is_plain_window(attention_mask, q_len, k_len, window, layer_idx),
     ):
+        _log_once("xattention: a sliding-window layer got a padded or custom mask; transformers' SDPA runs with it")
         return None
     return sliding_window_attention(query, key, value, window=window, scale=scale)
 
@@ -389,10 +393,7 @@ def xattention_attention_forward(
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or dropout:
             return dense()
         out = _local_attention(layer.model, query, key, value, attention_mask, window, scale, layer_idx)
-        if out is None:
-            _log_once("xattention: a sliding-window layer got a padded or custom mask; transformers' SDPA runs with it")
-            return dense()
-        return out.transpose(1, 2).contiguous(), None
+        return dense() if out is None else (out.transpose(1, 2).contiguous(), None)
     if layer.model.capture is not None:  # capture_qk: record post-RoPE q/k, attend densely
         state = layer.model
         if layer_idx is not None and (state.capture_layers is None or layer_idx in state.capture_layers):
@@ -498,7 +499,7 @@ def apply(
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through the AttentionInterface.
         method: one method for every full-attention layer, or a mapping ``layer_idx -> method`` (layers left out stay
-            dense).
+            dense). Sliding-window layers run exact windowed attention whatever their method.
         thresholds: per-head thresholds ``[num_layers, num_q_heads]`` (a tensor, or a file from
             :func:`xattention.save_thresholds`); layer ``i`` then uses ``dataclasses.replace(method_i,
             threshold=thresholds[i])``.

@@ -3,6 +3,7 @@ runs at low tau, decode stays dense, remove() restores SDPA exactly, padding, pe
 
 from __future__ import annotations
 
+import copy
 import inspect
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import xattention as xa
+from xattention.integrations import hf
 from xattention.integrations.hf import capture_qk, collected_stats, reset_stats
 
 transformers = pytest.importorskip("transformers")
@@ -54,7 +56,7 @@ def llama() -> torch.nn.Module:
 @pytest.fixture(autouse=True)
 def _clean(request: pytest.FixtureRequest):
     yield
-    for name in ("llama", "gemma"):
+    for name in ("llama", "gemma", "mistral"):
         if name in request.fixturenames:
             xa.remove(request.getfixturevalue(name))
 
@@ -280,13 +282,226 @@ def gemma() -> torch.nn.Module:
     return model
 
 
-def test_gemma3_sliding_layers_stay_dense(gemma) -> None:
+def _spy_windows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Record (Lq, Lk, window) of every call the hook makes to sliding_window_attention."""
+    calls: list[tuple[int, int, int]] = []
+    real = hf.sliding_window_attention
+
+    def spy(q, k, v, *, window, scale=None, backend="auto"):
+        calls.append((q.shape[2], k.shape[2], window))
+        return real(q, k, v, window=window, scale=scale, backend=backend)
+
+    monkeypatch.setattr(hf, "sliding_window_attention", spy)
+    return calls
+
+
+def test_gemma3_local_layers_run_windowed_attention(gemma, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sliding layers (0, 2) go through sliding_window_attention, whatever the method; logits equal the untouched
+    model's (fp32: tight) with Dense everywhere and with tau = 1 on the global layers (1, 3)."""
     x = ids()
     dense = logits(gemma, x)
-    xa.apply(gemma, xatt(1.0), record_stats=True)
-    torch.testing.assert_close(logits(gemma, x), dense, rtol=1e-4, atol=1e-4)
-    assert [s["layer"] for s in collected_stats(gemma)] == [1, 3]
+    calls = _spy_windows(monkeypatch)
+    for method in (xa.Dense(), xatt(1.0)):
+        xa.apply(gemma, method, record_stats=True)
+        torch.testing.assert_close(logits(gemma, x), dense, rtol=1e-5, atol=1e-5)
+        assert calls == [(SEQ, SEQ, 64)] * 2
+        calls.clear()
+        assert [s["layer"] for s in collected_stats(gemma)] == [1, 3]  # statistics stay per full-attention layer
     xa.apply(gemma, xatt(0.3), record_stats=True)
     assert (logits(gemma, x) - dense).abs().max() > 1e-3
     assert all(s["density"] < 0.9 for s in collected_stats(gemma))
+    assert len(calls) == 2
     assert sorted(capture_qk(gemma, x)) == [1, 3]
+
+
+@pytest.fixture(scope="module")
+def mistral() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        max_position_embeddings=2048,
+        pad_token_id=0,
+    )
+    model = transformers.MistralForCausalLM(config).eval()
+    _sharpen(model)
+    return model
+
+
+def test_mistral_sliding_window_on_every_layer_runs_exactly(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 700-token prompt (raised "not causal attention over one contiguous run" before): every layer is local, so even
+    a sparse method gives the untouched model's logits, and no [L, L] SDPA runs."""
+    x = ids(length=700)
+    dense = logits(mistral, x)
+    kw = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    expected = mistral.generate(x[:, :200], **kw)
+    calls = _spy_windows(monkeypatch)
+    xa.apply(mistral, xatt(0.3))
+    torch.testing.assert_close(logits(mistral, x), dense, rtol=1e-5, atol=1e-5)
+    assert calls == [(700, 700, 64)] * 2
+    # decode after a windowed prefill: the sliding cache keeps window - 1 keys; decode stays transformers' SDPA
+    assert torch.equal(mistral.generate(x[:, :200], **kw), expected)
+
+
+def test_padded_sliding_layers_fall_back_and_match_single_runs(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = [200, 150]
+    seqs = [ids(length=n, seed=20 + i) for i, n in enumerate(lengths)]
+    xa.apply(mistral, xatt(0.5))
+    singles = [logits(mistral, s)[0] for s in seqs]
+    calls = _spy_windows(monkeypatch)
+    batch = torch.zeros(2, 200, dtype=torch.long)
+    mask = torch.zeros(2, 200, dtype=torch.long)
+    for b, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
+        batch[b, 200 - n :], mask[b, 200 - n :] = s[0], 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = logits(mistral, batch, attention_mask=mask, position_ids=position_ids)
+    assert calls == []  # padding: transformers' SDPA ran with its own mask
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(out[b, 200 - n :], singles[b], rtol=2e-4, atol=2e-4)
+
+
+def test_mask_is_read_once_per_forward(gemma, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One device read per mask tensor, not per layer: gemma-3 builds one full and one sliding mask per forward."""
+    counts = {"real_spans": 0, "is_plain_window": 0}
+    for name in counts:
+        real = getattr(hf, name)
+
+        def counted(*args, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(hf, name, counted)
+    x = ids(length=200, batch=2)
+    mask = torch.ones_like(x)
+    mask[1, :50] = 0
+    xa.apply(gemma, xatt(0.5))
+    logits(gemma, x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    assert counts == {"real_spans": 1, "is_plain_window": 1}
+    logits(gemma, x[:1])  # no padding: the full layers' mask is None, only the sliding mask is read
+    assert counts == {"real_spans": 1, "is_plain_window": 2}
+
+
+def test_gemma2_soft_capping_runs_transformers_eager_attention() -> None:
+    """gemma-2 passes softcap (and sliding_window): SDPA cannot soft-cap, so every call runs the model's own eager
+    attention and the logits are the untouched model's (its default implementation is eager)."""
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=32,
+        max_position_embeddings=1024,
+    )
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert config.attn_logit_softcapping is not None
+    x = ids(length=100)
+    expected = logits(model, x)
+    xa.apply(model, xatt(0.3))
+    torch.testing.assert_close(logits(model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_generate(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Greedy 20 tokens with ``model.forward`` compiled; returns (tokens, frames compiled, graph breaks). The eager
+    backend: recompiles are dynamo's decision (guards), independent of the backend, and it keeps the test fast."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        out = model.generate(x, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    finally:
+        del model.forward  # back to the class's forward
+        frames, breaks = counters["frames"]["total"], sum(counters["graph_break"].values())
+        torch._dynamo.reset()
+    return out, frames, breaks
+
+
+def test_compiled_decode_recompiles_no_more_than_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a graph break in every layer's prefill made dynamo compile each layer's frames apart (and every model
+    forward sharing transformers' deprecation wrapper), so decode ran into the recompile limit. Now the compiled
+    prefill traces the sparse path whole and a compiled xattention model compiles no more frames than a dense one."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = ids(length=100)
+    _, dense_frames, dense_breaks = _compiled_generate(model, x)
+    xa.apply(model, xatt(0.9))
+    expected = model.generate(x, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    traced = []
+    real = hf.block_sparse_attention
+    monkeypatch.setattr(hf, "block_sparse_attention", lambda *a, **kw: traced.append(1) or real(*a, **kw))
+    got, frames, breaks = _compiled_generate(model, x)
+    assert breaks == dense_breaks == 0
+    assert frames <= dense_frames
+    assert traced, "the compiled prefill did not trace the sparse path"
+    assert torch.equal(got, expected)
+
+
+def _count_syncs_in_hook(model: torch.nn.Module, mode: str, **inputs) -> int:
+    """Run one forward with the registered attention function under ``torch.cuda.set_sync_debug_mode(mode)`` (only
+    xattention's own code and the kernels it calls; transformers' model code is outside) and count the synchronising
+    operations it reported ("warn" mode)."""
+    import warnings
+
+    from transformers.modeling_utils import AttentionInterface
+
+    def guarded(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode(mode)
+        try:
+            return hf.xattention_attention_forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    AttentionInterface.register(hf.ATTN_IMPLEMENTATION, guarded)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                model(**inputs)
+            torch.cuda.synchronize()
+    finally:
+        xa.register()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+def test_cuda_prefill_never_synchronises_and_padding_reads_once(llama) -> None:
+    """No host synchronisation in the sparse prefill of an unpadded prompt (error mode raises on the first one); a
+    padded batch reads its mask once per forward, not once per layer (3 layers here)."""
+    model = copy.deepcopy(llama).to("cuda", torch.bfloat16)
+    xa.apply(model, xa.XAttention(block_size=64, stride=8, threshold=0.9, min_seq_len=0))
+    x = ids(length=1024).cuda()
+    _count_syncs_in_hook(model, "error", input_ids=x)
+    mask = torch.ones(2, 1024, dtype=torch.long, device="cuda")
+    mask[1, :300] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    syncs = _count_syncs_in_hook(model, "warn", input_ids=torch.cat([x, x]), attention_mask=mask, position_ids=position_ids)
+    assert syncs == 1
+
+
+@pytest.mark.gpu
+def test_cuda_gemma3_prefill_reads_the_sliding_mask_once(gemma) -> None:
+    """gemma-3 without padding: the full layers' mask is None (no read), the sliding layers' band mask is checked once
+    for the forward; the local layers then run sliding_window_attention (FA4 where usable) without synchronising."""
+    model = copy.deepcopy(gemma).to("cuda", torch.bfloat16)
+    xa.apply(model, xa.XAttention(block_size=64, stride=8, threshold=0.9, min_seq_len=0))
+    assert _count_syncs_in_hook(model, "warn", input_ids=ids(length=1024).cuda()) == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
 from .integrations.hf import apply, register, remove  # transformers is imported inside these functions only
+from .integrations.prefill import Prefilled, prefill
 from .methods import (
     DEFAULT_MIN_SEQ_LEN,
     METHODS,
@@ -28,6 +29,7 @@ from .methods import (
 )
 from .metrics import attention_mass_kept
 from .thresholds import load_thresholds, save_thresholds
+from .window import sliding_window_attention
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "FlexPrefill",
     "Method",
     "Oracle",
+    "Prefilled",
     "Streaming",
     "VerticalSlash",
     "XAttention",
@@ -49,8 +52,10 @@ __all__ = [
     "dense_attention",
     "load_thresholds",
     "method_from_spec",
+    "prefill",
     "register",
     "remove",
     "save_thresholds",
+    "sliding_window_attention",
     "sparse_attention",
 ]

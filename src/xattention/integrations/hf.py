@@ -9,11 +9,24 @@ transformers (4.53+, 5.x) looks attention up by name: a model's attention module
 * Masks: the name uses transformers' own ``sdpa_mask`` (a 4-D boolean ``[B, 1, Lq, Lk]`` mask, or ``None`` for a plain
   causal batch without padding), so every dense step is exactly the SDPA path the model had before.
 * Prefill (``Lq > 1``) of a full-attention causal layer runs :func:`xattention.sparse_attention` with the layer's method;
-  decode (``Lq == 1``), sliding-window layers (``module.sliding_window``), non-causal modules, layers mapped to
-  :class:`~xattention.Dense` and inputs shorter than ``method.min_seq_len`` run transformers' SDPA function unchanged.
+  decode (``Lq == 1``), non-causal modules, layers mapped to :class:`~xattention.Dense` and inputs shorter than
+  ``method.min_seq_len`` run transformers' SDPA function unchanged.
+* Sliding-window layers (gemma-2/3 ``sliding_attention``, Mistral's ``sliding_window`` on every layer; transformers
+  passes ``sliding_window`` to the attention function) prefill through :func:`xattention.sliding_window_attention`:
+  exact, O(L·w), whatever method the layer was given. With a padded or custom mask they run transformers' SDPA with it.
+* Calls the sparse and windowed paths cannot serve exactly run transformers' own attention: logit soft-capping and
+  attention sinks (the modeling file's eager attention, as SDPA has neither), position biases and packed-sequence
+  arguments (SDPA).
 * Padding: each sequence's contiguous run of real tokens is read from the mask and the sparse path runs on that run
   alone, so padding never enters block selection and a padded batch matches unpadded single runs on real tokens.
-* Chunked prefill (``Lq < Lk`` with a KV cache): queries sit at the end of the keys, the kernels' bottom-right alignment.
+* Host synchronisation: a forward whose mask is ``None`` (one sequence, or a batch without padding, with no cache
+  offset) never reads the device. A materialised mask (padding, a chunk after the first, a sliding-window layer with
+  more keys than its window) is read once per forward (once per mask tensor, see :mod:`.masks`), never once per layer.
+  ``record_stats=True`` synchronises in every layer.
+* ``torch.compile``: the sparse and windowed paths trace without graph breaks where the mask is ``None``; a materialised
+  mask cannot be read inside a graph, so while compiling those layers run transformers' SDPA with it (dense, exact).
+* Chunked prefill (``Lq < Lk`` with a KV cache): queries sit at the end of the keys, the kernels' bottom-right alignment
+  (see :func:`xattention.prefill`).
 """
 
 from __future__ import annotations
@@ -23,19 +36,23 @@ import dataclasses
 import inspect
 import logging
 import os
+import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..attention import sparse_attention
+from ..attention import block_sparse_attention, dense_attention, sparse_attention
+from ..block_mask import BlockMask
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..methods.xattention import XAttention
 from ..metrics import attention_mass_kept
+from ..window import sliding_window_attention
+from .masks import MaskMemo, Span, is_plain_window, real_spans
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -71,6 +88,8 @@ class _ModelState:
     capture_layers: set[int] | None = None
     # seconds spent recording statistics (density, attention mass), so callers can leave them out of timings
     stats_seconds: float = 0.0
+    # what the masks of the current forward said (one device read per mask tensor, not per layer)
+    masks: MaskMemo = field(default_factory=MaskMemo)
 
 
 @dataclass
@@ -116,66 +135,74 @@ def register() -> None:
 # the attention function
 # --------------------------------------------------------------------------------------------------------------------
 
+# Call arguments that change the attention itself. transformers' SDPA cannot do the first group, so those calls run the
+# model's own eager attention; the second group SDPA handles, so those calls run SDPA. Neither reaches our paths.
+_EAGER_ONLY = ("softcap", "s_aux", "sinks")
+_DENSE_ONLY = ("position_bias", "cu_seq_lens_q", "cu_seq_lens_k")
 
-def _bool_mask(attention_mask: Tensor, q_len: int, k_len: int, layer: Any) -> Tensor:
-    """``[B, Lq, Lk]`` bool (True = attend) from the model's 4-D mask (bool, or additive float with 0 = attend)."""
-    if attention_mask.ndim != 4 or attention_mask.shape[1] != 1 or tuple(attention_mask.shape[-2:]) != (q_len, k_len):
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    """Warn once per process; silent while dynamo traces (logging would break the graph)."""
+    if torch.compiler.is_compiling() or message in _logged:
+        return
+    _logged.add(message)
+    logger.warning(message)
+
+
+def _eager_mask(attention_mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor | None:
+    """The additive float mask eager attention adds to its scores, from the boolean (or ``None``) mask ``sdpa_mask``
+    built. ``None`` means plain causal with upper-left alignment (SDPA's ``is_causal``): Lq == Lk, or an empty static
+    cache whose slots past the queries must stay unseen."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        if q_len == 1:
+            return None
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril()[None, None]
+    if attention_mask.dtype != torch.bool:
+        return attention_mask
+    zeros = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+    return zeros.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
+
+
+def _transformers_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor | None]:
+    """transformers' own attention for this call: SDPA with the model's mask, or, for soft-capping or attention sinks
+    (which SDPA lacks), the ``eager_attention_forward`` of the module's modeling file. Returns ``([B, Lq, Hq, D], _)``."""
+    eager_only = [name for name in _EAGER_ONLY if kwargs.get(name) is not None]
+    if not eager_only:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
         raise ValueError(
-            f"xattention (layer {layer}): expected a [B, 1, {q_len}, {k_len}] attention mask, got "
-            f"{tuple(attention_mask.shape)} (per-head or custom 4-D masks are not supported by the sparse prefill)"
+            f"xattention: {type(module).__name__} passes {eager_only}, which transformers' SDPA cannot do, and its modeling "
+            "file has no eager_attention_forward to fall back to"
         )
-    mask = attention_mask[:, 0]
-    if mask.dtype == torch.bool:
-        return mask
-    keep = mask > torch.finfo(mask.dtype).min / 2
-    if bool((mask[keep] != 0).any()):
-        raise ValueError(f"xattention (layer {layer}): additive attention biases are not supported by the sparse prefill")
-    return keep
+    mask = _eager_mask(attention_mask, query, key)
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _real_spans(mask: Tensor, layer: Any) -> list[tuple[int, int, int, int] | None]:
-    """Per batch element, ``(i0, i1, s, e)``: query rows ``i0..i1`` are the real tokens and attend causally to keys
-    ``s..e``, query ``i`` sitting at key position ``e - (i1 - i)`` (``None`` for an element with no real token).
+def _is_causal(module: Any, kwargs: dict[str, Any]) -> bool:
+    is_causal = kwargs.get("is_causal")
+    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
 
-    ``mask`` is bool ``[B, Lq, Lk]``, True = attend, as transformers builds it for a causal layer: causal AND a 2-D
-    padding mask. A real query sees its own key and every earlier real key, so its last visible key is its own position
-    and all real rows share their first visible key. Right-padding rows come after the row that sees key ``e`` and are
-    left out; left-padding rows see nothing. Anything else (packed sequences, holes in the padding mask, sliding windows)
-    raises ``ValueError``.
-    """
-    k_len = mask.shape[-1]
-    spans: list[tuple[int, int, int, int] | None] = []
-    for b in range(mask.shape[0]):  # one element at a time: temporaries stay at [Lq, Lk], not [B, Lq, Lk] int64
-        as_bytes = mask[b].to(torch.uint8)
-        count = as_bytes.sum(dim=-1, dtype=torch.int32)  # [Lq]
-        first = as_bytes.argmax(dim=-1)
-        last = k_len - 1 - as_bytes.flip(-1).argmax(dim=-1)
-        del as_bytes
-        rows = (count > 0).nonzero().flatten()
-        if rows.numel() == 0:
-            spans.append(None)
-            continue
-        i0 = int(rows[0])
-        e = int(last[rows].max())
-        i1 = int((last[i0:] == e).nonzero()[0]) + i0
-        s = int(first[i1])
-        n = i1 - i0 + 1
-        real_first, real_last, real_count = first[i0 : i1 + 1], last[i0 : i1 + 1], count[i0 : i1 + 1]
-        expected_last = torch.arange(e - n + 1, e + 1, device=mask.device)
-        ok = (
-            e - n + 1 >= s
-            and bool((real_first == s).all())
-            and bool((real_last == expected_last).all())
-            and bool((real_count == real_last - real_first + 1).all())
-        )
-        if not ok:
-            raise ValueError(
-                f"xattention (layer {layer}): the attention mask of batch element {b} is not causal attention over one "
-                "contiguous run of real tokens (packed sequences, a padding mask with holes, or a custom mask?); the "
-                "sparse prefill supports left or right padding only"
-            )
-        spans.append((i0, i1, s, e))
-    return spans
+
+def _sliding_window(module: Any, kwargs: dict[str, Any]) -> Any:
+    """The layer's window, ``None`` on a full-attention layer. transformers 5.x passes ``sliding_window`` to the attention
+    function: gemma-2/3 and qwen2 the layer's own (``None`` on their full-attention layers), Mistral
+    ``config.sliding_window`` on every layer; older versions set ``module.sliding_window`` only."""
+    return kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
 
 
 def _clock(device: torch.device) -> float:
@@ -185,11 +212,148 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _is_full_causal(module: Any, kwargs: dict[str, Any]) -> bool:
-    if getattr(module, "sliding_window", None) is not None:  # e.g. gemma-3 sliding_attention layers: keep the window
-        return False
-    is_causal = kwargs.get("is_causal")
-    return bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+def _sparse(q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None) -> tuple[Tensor, BlockMask | None]:
+    """:func:`xattention.sparse_attention` with its mask. While dynamo traces, the same two steps without its debug log:
+    dynamo cannot trace ``Logger.isEnabledFor``, and a graph break inside every layer's attention makes dynamo compile
+    each layer's frames apart, which exhausts the recompile limit of a compiled model."""
+    if not torch.compiler.is_compiling():
+        return sparse_attention(q, k, v, method, scale=scale, return_mask=True)
+    if isinstance(method, Dense) or k.shape[2] < method.min_seq_len:
+        return dense_attention(q, k, v, scale=scale), None
+    mask = method.estimate(q, k, causal=True, scale=scale)
+    return block_sparse_attention(q, k, v, mask, scale=scale), mask
+
+
+def _record_rows(
+    state: _ModelState, q: Tensor, k: Tensor, block_mask: BlockMask | None, scale: float | None, rows: range, per_row: dict
+) -> None:
+    """Density (and with ``record_mass`` the attention mass kept) of batch ``rows``, mean over heads. Synchronises."""
+    start = _clock(q.device)
+    ones = [1.0] * len(rows)
+    per_row["density"][rows.start : rows.stop] = (
+        ones if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
+    )
+    if state.record_mass:
+        kept = ones if block_mask is None else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
+        per_row["mass_kept"][rows.start : rows.stop] = kept
+    state.stats_seconds += _clock(q.device) - start
+
+
+def _finish_record(state: _ModelState, record: dict[str, Any], per_row: dict[str, list] | None) -> None:
+    if not state.record_stats:
+        return
+    if per_row is not None:
+        real = [d for d in per_row["density"] if d is not None]
+        record["density"], record["row_density"] = sum(real) / len(real), per_row["density"]
+        if state.record_mass:
+            kept = [m for m in per_row["mass_kept"] if m is not None]
+            record["mass_kept"], record["row_mass_kept"] = sum(kept) / len(kept), per_row["mass_kept"]
+    state.stats.append(record)
+
+
+def _spans(
+    state: _ModelState, attention_mask: Tensor | None, query: Tensor, key: Tensor, layer_idx: Any
+) -> tuple[list[Span | None], int]:
+    """Each batch element's run of real tokens, and the number of keys to use (see :func:`real_spans`)."""
+    bsz, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
+    if attention_mask is None:
+        # transformers only omits the mask for Lq < Lk when prefilling an empty static cache: the queries are the first
+        # Lq positions and the rest of the cache is empty (SDPA's path slices it off the same way)
+        k_len = min(k_len, q_len)
+        return [(0, q_len - 1, 0, k_len - 1)] * bsz, k_len
+    spans = state.masks.get(attention_mask, ("spans", q_len, k_len), lambda: real_spans(attention_mask, q_len, k_len, layer_idx))
+    return spans, k_len
+
+
+def _global_attention(
+    layer: _LayerState,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scale: float | None,
+    layer_idx: Any,
+) -> Tensor | None:
+    """The sparse prefill of a causal full-attention layer, ``[B, Hq, Lq, D]``; ``None`` where transformers' SDPA runs
+    instead (a :class:`Dense` layer, every sequence shorter than ``min_seq_len``, a materialised mask under compile)."""
+    state, method = layer.model, layer.method
+    q_len, k_len = query.shape[2], key.shape[2]
+    record: dict[str, Any] = {"layer": layer_idx, "q_len": q_len, "k_len": k_len, "density": None, "mass_kept": None}
+    if attention_mask is not None and torch.compiler.is_compiling():  # reading the mask would break the graph
+        _finish_record(state, record, None)
+        return None
+    spans, k_len = ([], k_len) if isinstance(method, Dense) else _spans(state, attention_mask, query, key, layer_idx)
+    if all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
+        _finish_record(state, record, None)
+        return None
+    per_row: dict[str, list] = {"density": [None] * len(spans), "mass_kept": [None] * len(spans)}
+
+    def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:
+        out, block_mask = _sparse(q, k, v, method, scale)
+        if state.record_stats:
+            _record_rows(state, q, k, block_mask, scale, rows, per_row)
+        return out
+
+    out = _run_spans(run, query, key, value, spans)
+    _finish_record(state, record, per_row)
+    return out
+
+
+def _run_spans(
+    run: Callable[[Tensor, Tensor, Tensor, range], Tensor], query: Tensor, key: Tensor, value: Tensor, spans: list
+) -> Tensor:
+    """``run`` over each batch element's real tokens (one batched call when all share one span); padding rows get
+    zeros. Returns ``[B, Hq, Lq, D]``."""
+    bsz, q_len = query.shape[0], query.shape[2]
+    if spans[0] is not None and all(span == spans[0] for span in spans):
+        i0, i1, s, e = spans[0]
+        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1], range(bsz))
+        if (i0, i1) == (0, q_len - 1):
+            return out
+        full = query.new_zeros(query.shape[:3] + value.shape[-1:])
+        full[:, :, i0 : i1 + 1] = out
+        return full
+    out = query.new_zeros(query.shape[:3] + value.shape[-1:])
+    for b, span in enumerate(spans):
+        if span is None:
+            continue
+        i0, i1, s, e = span
+        out[b : b + 1, :, i0 : i1 + 1] = run(
+            query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1], range(b, b + 1)
+        )
+    return out
+
+
+def _local_attention(
+    state: _ModelState,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    window: int,
+    scale: float | None,
+    layer_idx: Any,
+) -> Tensor | None:
+    """Exact windowed attention of a sliding-window layer, ``[B, Hq, Lq, D]``, when the model's mask is exactly the
+    plain window (no padding, nothing custom); ``None`` otherwise, and transformers' SDPA runs with that mask."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        # transformers leaves the mask out only where the window cannot bind (Lk <= window), or for an empty static
+        # cache (keys past the queries are empty slots)
+        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], min(k_len, q_len)
+        if k_len > window:  # the model built a full causal mask for this layer: do what SDPA with it would
+            _log_once("xattention: a sliding-window layer got no mask over more keys than its window; SDPA runs")
+            return None
+    elif torch.compiler.is_compiling():  # reading the mask would break the graph
+        return None
+    elif not state.masks.get(
+        attention_mask,
+        ("window", q_len, k_len, window),
+        lambda: is_plain_window(attention_mask, q_len, k_len, window, layer_idx),
+    ):
+        _log_once("xattention: a sliding-window layer got a padded or custom mask; transformers' SDPA runs with it")
+        return None
+    return sliding_window_attention(query, key, value, window=window, scale=scale)
 
 
 def xattention_attention_forward(
@@ -201,7 +365,7 @@ def xattention_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """The function registered as ``"xattention"``: the AttentionInterface signature.
 
     Args:
@@ -211,96 +375,34 @@ def xattention_attention_forward(
     Returns:
         ``(attn_output [B, Lq, Hq, D], None)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    def dense() -> tuple[Tensor, None]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    def dense() -> tuple[Tensor, Tensor | None]:
+        return _transformers_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
     layer: _LayerState = getattr(module, _LAYER_ATTR, None) or _default_layer_state()
-    state = layer.model
     layer_idx = getattr(module, "layer_idx", None)
-    bsz, _, q_len, _ = query.shape
-    k_len = key.shape[2]
-    if q_len == 1 or not _is_full_causal(module, kwargs):
+    window = _sliding_window(module, kwargs)
+    if query.shape[2] == 1 or not _is_causal(module, kwargs):
         return dense()
-
-    if state.capture is not None:  # capture_qk: record post-RoPE q/k, attend densely
+    unsupported = [name for name in (*_EAGER_ONLY, *_DENSE_ONLY) if kwargs.get(name) is not None]
+    if unsupported:
+        _log_once(f"xattention: attention calls with {unsupported} run transformers' own attention (dense)")
+        return dense()
+    scale = scaling if scaling is not None else getattr(module, "scaling", None)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or dropout:
+            return dense()
+        out = _local_attention(layer.model, query, key, value, attention_mask, window, scale, layer_idx)
+        return dense() if out is None else (out.transpose(1, 2).contiguous(), None)
+    if layer.model.capture is not None:  # capture_qk: record post-RoPE q/k, attend densely
+        state = layer.model
         if layer_idx is not None and (state.capture_layers is None or layer_idx in state.capture_layers):
             state.capture[layer_idx] = (query.detach(), key.detach())
         return dense()
-
-    method = layer.method
-    scale = scaling if scaling is not None else getattr(module, "scaling", None)
-    record = {"layer": layer_idx, "q_len": q_len, "k_len": k_len, "density": None, "mass_kept": None}
-    if isinstance(method, Dense):
-        if state.record_stats:
-            state.stats.append(record)
-        return dense()
-    if dropout:
+    if dropout and not isinstance(layer.method, Dense):
         raise ValueError("xattention does not support attention dropout; put the model in eval mode (model.eval())")
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"xattention (layer {layer_idx}): attention logit soft-capping is not supported")
-
-    if attention_mask is None:
-        if k_len > q_len:
-            # transformers only omits the mask for Lq < Lk when prefilling an empty static cache: the queries are the
-            # first Lq positions and the rest of the cache is empty (SDPA's path slices it off the same way)
-            key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
-        spans: list[tuple[int, int, int, int] | None] = [(0, q_len - 1, 0, k_len - 1)] * bsz
-    else:
-        spans = _real_spans(_bool_mask(attention_mask, q_len, k_len, layer_idx), layer_idx)
-
-    if all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
-        if state.record_stats:
-            state.stats.append(record)
-        return dense()
-
-    # per batch row (None for a row of padding only): a statistic is a mean over the row's heads
-    densities: list[float | None] = [None] * bsz
-    masses: list[float | None] = [None] * bsz
-
-    def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:
-        out, block_mask = sparse_attention(q, k, v, method, scale=scale, return_mask=True)
-        if state.record_stats:
-            start = _clock(q.device)
-            per_row = [1.0] * len(rows) if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
-            densities[rows.start : rows.stop] = per_row
-            if state.record_mass:
-                kept = (
-                    [1.0] * len(rows)
-                    if block_mask is None
-                    else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
-                )
-                masses[rows.start : rows.stop] = kept
-            state.stats_seconds += _clock(q.device) - start
-        return out
-
-    if spans[0] is not None and all(span == spans[0] for span in spans):  # one span for all: a single batched call
-        i0, i1, s, e = spans[0]
-        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1], range(bsz))
-        if (i0, i1) != (0, q_len - 1):
-            full = query.new_zeros(query.shape[:3] + value.shape[-1:])
-            full[:, :, i0 : i1 + 1] = out
-            out = full
-    else:  # padding differs per sequence: run each sequence's real tokens alone; padding rows get zeros
-        out = query.new_zeros(query.shape[:3] + value.shape[-1:])
-        for b, span in enumerate(spans):
-            if span is None:
-                continue
-            i0, i1, s, e = span
-            out[b : b + 1, :, i0 : i1 + 1] = run(
-                query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1], range(b, b + 1)
-            )
-    if state.record_stats:
-        real = [d for d in densities if d is not None]
-        record["density"] = sum(real) / len(real)
-        record["row_density"] = densities
-        if state.record_mass:
-            kept = [m for m in masses if m is not None]
-            record["mass_kept"] = sum(kept) / len(kept)
-            record["row_mass_kept"] = masses
-        state.stats.append(record)
-    return out.transpose(1, 2).contiguous(), None
+    out = _global_attention(layer, query, key, value, attention_mask, scale, layer_idx)
+    return dense() if out is None else (out.transpose(1, 2).contiguous(), None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,7 +499,7 @@ def apply(
     Args:
         model: a transformers ``PreTrainedModel`` whose attention goes through the AttentionInterface.
         method: one method for every full-attention layer, or a mapping ``layer_idx -> method`` (layers left out stay
-            dense).
+            dense). Sliding-window layers run exact windowed attention whatever their method.
         thresholds: per-head thresholds ``[num_layers, num_q_heads]`` (a tensor, or a file from
             :func:`xattention.save_thresholds`); layer ``i`` then uses ``dataclasses.replace(method_i,
             threshold=thresholds[i])``.

@@ -458,16 +458,17 @@ def _check_length(
     thresholds: Any,
     device: torch.device,
     length: int,
-    samples: Sequence[Any],
+    probes: Sequence[Any],
     tolerance: Tolerance,
     bar: Any,
 ) -> LengthCheck:
-    """Run every probe of one length (``bar`` advances one step per probe) and judge them."""
-    if method.name != "dense" and method.min_seq_len > min(s.tokens for s in samples):
+    """Run every probe (a :class:`~xattention.evaluation.tasks.Sample`) of one length and judge them; ``bar`` (tqdm)
+    advances one step per probe."""
+    if method.name != "dense" and method.min_seq_len > min(s.tokens for s in probes):
         logger.warning("%s: min_seq_len=%d exceeds the %d-token probes, so it runs dense there; set min_seq_len=0 to "
                        "check its sparse path", label, method.min_seq_len, length)  # fmt: skip
     start, results = time.perf_counter(), []
-    for sample in samples:
+    for sample in probes:
         bar.set_postfix_str(f"{length} {sample.task}")
         results.append(_run_probe(model, tokenizer, sample, method, thresholds, device))
         bar.update(1)

@@ -82,6 +82,10 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     methods = parse_methods(args.method)  # unknown names or parameters, a missing thresholds file
     if len(methods) != 1:
         raise ValueError(f"--method takes one method, got {len(methods)}: {', '.join(label for label, _ in methods)}")
+    if args.max_lost < 0:
+        raise ValueError(f"--max-lost must be >= 0, got {args.max_lost}")
+    if not 0 <= args.tolerance_kl < float("inf"):
+        raise ValueError(f"--tolerance-kl must be a finite number of nats >= 0, got {args.tolerance_kl}")
     tolerance = Tolerance(max_answers_lost=args.max_lost, max_mean_kl=args.tolerance_kl)
     if args.out is not None and not Path(args.out).expanduser().resolve().parent.is_dir():
         raise ValueError(f"--out {args.out}: its folder does not exist")

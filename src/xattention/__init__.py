@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
+from .guard import AccuracyCheck, Tolerance, check_accuracy
 from .integrations.hf import apply, register, remove  # transformers is imported inside these functions only
 from .integrations.prefill import Prefilled, prefill
 from .methods import (
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MIN_SEQ_LEN",
     "METHODS",
+    "AccuracyCheck",
     "BlockMask",
     "Dense",
     "FlexPrefill",
@@ -43,12 +45,14 @@ __all__ = [
     "Oracle",
     "Prefilled",
     "Streaming",
+    "Tolerance",
     "VerticalSlash",
     "XAttention",
     "__version__",
     "apply",
     "attention_mass_kept",
     "block_sparse_attention",
+    "check_accuracy",
     "dense_attention",
     "load_thresholds",
     "method_from_spec",

@@ -1,4 +1,4 @@
-"""``xattention`` command line: ``demo | fetch-model | bench | eval | calibrate``.
+"""``xattention`` command line: ``demo | fetch-model | bench | eval | calibrate | check``.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; this file only
 routes, so heavy imports (transformers, matplotlib) happen when a subcommand runs, never at ``--help``.
@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("xattention.benchmarks.cli", "kernel, end-to-end and context-parallel benchmarks (GPU)"),
     "eval": ("xattention.evaluation.cli", "offline RULER-style accuracy evaluation"),
     "calibrate": ("xattention.calibration", "per-head threshold calibration"),
+    "check": ("xattention.guard_cli", "accuracy guard: does a method keep your model's retrieval answers and logits near dense?"),
 }
 
 

@@ -210,11 +210,11 @@ def needle_attention(
     from ..integrations.hf import capture_qk
     from ..kernels.reference import token_visibility
     from ..methods.dense import Dense
-    from .runner import _device_of
+    from .runner import device_of
 
     if positions is None:
         positions = answer_positions(tokenizer, sample)
-    device = _device_of(model)
+    device = device_of(model)
     length = len(sample.input_ids)
     if any(not 0 <= p < length for p in positions):
         raise ValueError(f"answer positions must lie in [0, {length})")

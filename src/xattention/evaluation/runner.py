@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._parsing import parse_device, parse_lengths
 from ..methods import Method, method_from_spec
@@ -48,13 +48,21 @@ from .tasks import TASKS, Sample, SampleGenerator, resolve_tasks, sample_seed
 
 __all__ = [
     "RESULTS_FILE",
+    "Answers",
     "EvalConfig",
     "TimeBudgetExceeded",
+    "check_context",
+    "context_limit_from_files",
+    "device_of",
+    "generate_answers",
     "method_thresholds",
+    "model_context_limit",
     "parse_lengths",
     "parse_methods",
     "read_results",
+    "resolve_device",
     "run_eval",
+    "torch_dtype",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,7 +167,7 @@ class EvalConfig:
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max new tokens must be positive, got {self.max_new_tokens}")
         if self.dtype is not None:
-            _torch_dtype(self.dtype)
+            torch_dtype(self.dtype)
         if self.time_budget is not None and not self.time_budget > 0:
             raise ValueError(f"time budget must be positive seconds, got {self.time_budget}")
         for length in self.length_values:
@@ -170,7 +178,9 @@ class EvalConfig:
         return self
 
 
-def _torch_dtype(name: str) -> Any:
+def torch_dtype(name: str) -> Any:
+    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"float16"`` / ``"fp32"`` / ``"float32"`` -> the torch dtype;
+    ``ValueError`` naming the accepted spellings otherwise."""
     import torch
 
     dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -281,18 +291,20 @@ def model_context_limit(model: Any) -> int | None:
     return int(value) if value else None
 
 
-def _check_context(lengths: Sequence[int], limit: int | None, model: str) -> None:
+def check_context(lengths: Sequence[int], limit: int | None, model: str) -> None:
+    """``ValueError`` naming the lengths beyond ``limit`` tokens (the model's context); ``limit=None`` checks nothing."""
     if limit is not None and max(lengths) > limit:
         too_long = ", ".join(str(n) for n in lengths if n > limit)
         raise ValueError(f"length {too_long} exceeds {model}'s context of {limit} tokens")
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
     """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU (see :func:`parse_device`)."""
     return str(parse_device(device))
 
 
-def _device_of(model: Any) -> Any:
+def device_of(model: Any) -> Any:
+    """The ``torch.device`` a model's inputs go to: ``model.device``, else its first parameter's, else the CPU."""
     import torch
 
     device = getattr(model, "device", None)
@@ -351,8 +363,26 @@ def _logits_processors(timer: _Timer) -> Any:
     return LogitsProcessorList([PrefillTimer()])
 
 
-def _generate(model: Any, tokenizer: Any, samples: Sequence[Sample], device: Any) -> tuple[list[str], float]:
-    """Greedy-decode a batch (left-padded); returns the decoded continuations and the prefill time in ms."""
+class Answers(NamedTuple):
+    """What :func:`generate_answers` returns for a batch of ``B`` samples."""
+
+    texts: list[str]  # the decoded continuation of each sample, cut to its own answer budget
+    prefill_ms: float  # generate start to the first logits (the batch's prefill)
+    logits: Any = None  # float32 [B, V] on the CPU: raw next-token logits at the last prompt position, if asked for
+
+
+def generate_answers(
+    model: Any, tokenizer: Any, samples: Sequence[Sample], device: Any, *, return_logits: bool = False
+) -> Answers:
+    """Greedy-decode a batch of samples (left-padded to the longest) with ``model.generate``.
+
+    Args:
+        model: a transformers causal LM; tokenizer: the samples' tokenizer (``decode``; its pad or EOS id pads).
+        samples: prompts, each decoded up to its own ``max_new_tokens`` (the batch decodes to the largest).
+        device: where the input ids go (see :func:`device_of`).
+        return_logits: also return the raw logits of the first generated token (before any logits processor), i.e.
+            the model's next-token distribution at each prompt's last position.
+    """
     import torch
 
     width = max(s.tokens for s in samples)
@@ -363,6 +393,7 @@ def _generate(model: Any, tokenizer: Any, samples: Sequence[Sample], device: Any
         ids[row, width - s.tokens :] = torch.tensor(s.input_ids, dtype=torch.long)
         mask[row, width - s.tokens :] = 1
     timer = _Timer(device)
+    extra = {"output_logits": True, "return_dict_in_generate": True} if return_logits else {}
     _synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -374,14 +405,19 @@ def _generate(model: Any, tokenizer: Any, samples: Sequence[Sample], device: Any
             num_beams=1,
             pad_token_id=pad,
             logits_processor=_logits_processors(timer),
+            **extra,
         )
     _synchronize(device)
     end = time.perf_counter()
     prefill_ms = 1000.0 * ((timer.first or end) - start)
+    logits = None
+    if return_logits:
+        logits = out.logits[0].detach().float().cpu()
+        out = out.sequences
     # a batch decodes to its longest answer budget; each sample keeps only its own (greedy decoding is per row, so this
     # is what a batch of its own task would have produced)
     new = [row[: s.max_new_tokens] for row, s in zip(out[:, width:].tolist(), samples, strict=True)]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new], prefill_ms
+    return Answers([tokenizer.decode(row, skip_special_tokens=True) for row in new], prefill_ms, logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -405,7 +441,7 @@ def run_eval(
     config.validate()
     start = time.monotonic()
     out = Path(config.out)
-    _check_context(config.length_values, context_limit_from_files(config.model), config.model)
+    check_context(config.length_values, context_limit_from_files(config.model), config.model)
     out.mkdir(parents=True, exist_ok=True)
     results = out / RESULTS_FILE
     done = {_record_key(r) for r in read_results(results, repair=True)}
@@ -432,9 +468,9 @@ def run_eval(
     if integration is None:
         integration = importlib.import_module("xattention.integrations.hf")
     model, tokenizer = load_model(
-        config.model, device=_resolve_device(config.device), dtype=None if config.dtype is None else _torch_dtype(config.dtype)
+        config.model, device=resolve_device(config.device), dtype=None if config.dtype is None else torch_dtype(config.dtype)
     )
-    _check_context(config.length_values, model_context_limit(model), config.model)
+    check_context(config.length_values, model_context_limit(model), config.model)
     if hasattr(model, "eval"):
         model.eval()
     generator = SampleGenerator(
@@ -494,7 +530,7 @@ def _run_batch(
     integration.apply(model, method, record_stats=True, record_mass=config.mass, **extra)
     try:
         integration.reset_stats(model)
-        predictions, prefill_ms = _generate(model, tokenizer, samples, _device_of(model))
+        predictions, prefill_ms, _ = generate_answers(model, tokenizer, samples, device_of(model))
         stats = [st for st in integration.collected_stats(model) if int(st.get("q_len", 2)) > 1]
     finally:
         integration.remove(model)

@@ -60,6 +60,7 @@ __all__ = [
     "capture_qk",
     "capturing",
     "collected_stats",
+    "is_applied",
     "layer_methods",
     "register",
     "remove",
@@ -560,6 +561,11 @@ def remove(model: Any) -> Any:
 # --------------------------------------------------------------------------------------------------------------------
 # statistics and q/k capture
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def is_applied(model: Any) -> bool:
+    """Whether ``model`` currently has xattention applied (by :func:`apply`, not yet undone by :func:`remove`)."""
+    return getattr(model, _STATE_ATTR, None) is not None
 
 
 def _state(model: Any) -> _ModelState:

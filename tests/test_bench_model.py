@@ -230,3 +230,23 @@ def test_llama_8b_shape_and_the_demo_length_helper() -> None:
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
     model.config.max_position_embeddings = 8192
     assert bm.longest_prompt(model, 12) == 8192 - 12 - bm.PROMPT_SLACK
+
+
+def test_demo_prints_ttft_at_the_longest_prompt(tmp_path, tok) -> None:
+    """The demo's GPU behaviour on the CPU: length None (the model's longest prompt) and measured TTFT for both."""
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    from xattention import demo
+
+    model = tiny_llama(len(tok))
+    model.config.max_position_embeddings = 600
+    console = Console(record=True, width=140)
+    result = demo.run_demo(model, tok, length=None, threshold=0.3, block_size=64, layer=1, out=tmp_path / "d.png",
+                           console=console, ttft_repeats=1, max_new_tokens=4)  # fmt: skip
+    assert result["prompt"].input_ids.shape[1] <= 600 - 4
+    assert result["prompt"].input_ids.shape[1] >= 600 - 4 - bm.PROMPT_SLACK - 30
+    assert all(r.ttft_s is not None and r.ttft_s > 0 for r in result["results"])
+    text = console.export_text()
+    assert "TTFT" in text and "time to first token" in text
+    assert model.config._attn_implementation == "sdpa"

@@ -23,7 +23,7 @@ SPARSE = "xattention:block_size=64,threshold=0.5"
 ROW_FIELDS = {
     "length", "tokens", "config", "label", "method", "composed", "ttft_ms", "prefill_ms", "decode_ms",
     "peak_memory_bytes", "start_memory_bytes", "density", "layer_density", "answer", "profiled", "rope_factor",
-    "speed_only", "backend", "speed_valid",
+    "speed_only", "backend", "speed_valid", "ttft_vs_sdpa",
 }  # fmt: skip
 RECORD_FIELDS = {
     "benchmark", "model", "random_weights", "model_info", "gpu", "device", "date", "torch", "transformers", "triton",
@@ -71,7 +71,8 @@ def test_cli_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys, tok) -> N
         assert row["tokens"] <= 320 - 4 and not row["speed_only"] and row["rope_factor"] == 1.0
         check_stages(row)
     sdpa, dense_xa, sparse = record["rows"]
-    assert sdpa["speed_valid"] and sdpa["method"] is None and sdpa["density"] == 1.0
+    assert sdpa["speed_valid"] and sdpa["method"] is None and sdpa["density"] == 1.0 and sdpa["ttft_vs_sdpa"] == 1.0
+    assert sparse["ttft_vs_sdpa"] == pytest.approx(sdpa["ttft_ms"]["best"] / sparse["ttft_ms"]["best"])
     assert sdpa["profiled"]["attention_calls"] == {"sparse": 0, "dense": 3, "local": 0}
     assert dense_xa["method"]["name"] == "dense" and dense_xa["profiled"]["attention_calls"]["dense"] == 3
     assert sparse["method"]["min_seq_len"] == 0 and sparse["profiled"]["attention_calls"]["sparse"] == 3

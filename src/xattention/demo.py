@@ -194,11 +194,9 @@ def run_demo(
         ``{"prompt": Prompt, "results": [Result(dense), Result(xattention)], "heatmap": {...}, "png": Path}``.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .benchmarks.model import longest_prompt
-    from .integrations import hf
-    from .methods import Dense, XAttention
+    from .methods import XAttention
 
     console = console or Console()
     device = next(model.parameters()).device
@@ -218,11 +216,56 @@ def run_demo(
     prompt = build_prompt(tokenizer, length, depth=depth, seed=seed)
     input_ids = prompt.input_ids.to(device)
     seq = input_ids.shape[1]
-    eos = _eos_ids(model, tokenizer)
     console.print(
         f"[bold]Needle in a haystack[/]: {seq} tokens, passkey {prompt.passkey} at depth {depth:.2f}; "
         f"{type(model).__name__} on {device} ({next(model.parameters()).dtype})"
     )
+    results, captured = _answer_both(
+        model, tokenizer, prompt, input_ids, method, layer=layer, max_new_tokens=max_new_tokens,
+        ttft_repeats=ttft_repeats, console=console,
+    )  # fmt: skip
+    _print_table(
+        console,
+        results,
+        f"passkey retrieval, {seq} tokens (XAttention: tau={threshold}, stride {stride}, blocks of {block_size})",
+        ttft_repeats,
+    )
+    q, k = captured[layer]
+    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
+    heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
+    console.print(
+        f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
+        f"{heat['mass_kept']:.3f} -> {heat['png']}"
+    )
+    if device.type == "cpu":
+        console.print(
+            "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
+        )
+    return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+
+
+def _answer_both(
+    model: Any,
+    tokenizer: Any,
+    prompt: Prompt,
+    input_ids: Any,
+    method: Any,
+    *,
+    layer: int,
+    max_new_tokens: int,
+    ttft_repeats: int,
+    console: Any,
+) -> tuple[list[Result], dict[int, Any]]:
+    """Answer ``prompt`` dense (capturing ``layer``'s q/k) and with ``method``, under a progress bar; with
+    ``ttft_repeats``, time both. Returns ``([Result(dense), Result(XAttention)], {layer: (q, k)})``; the model is left
+    without the hook."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .integrations import hf
+    from .methods import Dense
+
+    device = input_ids.device
+    eos = _eos_ids(model, tokenizer)
     n_layers = len(_layer_modules(model))
     results: list[Result] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -246,7 +289,7 @@ def run_demo(
             answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append(Result("dense", answer, prompt.passkey in answer, 1.0, 1.0, prefill))
 
-            task = progress.add_task(f"XAttention prefill (tau={threshold}, S={stride})", total=n_layers)
+            task = progress.add_task(f"XAttention prefill (tau={method.threshold}, S={method.stride})", total=n_layers)
             hf.apply(model, method, record_stats=True, record_mass=True)
             tokens, prefill = _generate(model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task)
             stats = [s for s in hf.collected_stats(model) if s["q_len"] > 1 and s["density"] is not None]
@@ -266,30 +309,7 @@ def run_demo(
                 _measure_ttft(model, input_ids, results, [Dense(), method], ttft_repeats, progress)
     finally:
         hf.remove(model)
-
-    _print_table(
-        console,
-        results,
-        f"passkey retrieval, {seq} tokens (XAttention: tau={threshold}, stride {stride}, blocks of {block_size})",
-    )
-    q, k = captured[layer]
-    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
-    heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
-    console.print(
-        f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
-        f"{heat['mass_kept']:.3f} -> {heat['png']}"
-    )
-    if all(r.ttft_s is not None for r in results):
-        dense_ttft, sparse_ttft = results[0].ttft_s, results[1].ttft_s
-        console.print(
-            f"time to first token (prefill + one decode step, best of {ttft_repeats}): dense {dense_ttft * 1e3:.1f} ms, "
-            f"XAttention {sparse_ttft * 1e3:.1f} ms: [bold]{dense_ttft / sparse_ttft:.2f}x[/]"
-        )
-    if device.type == "cpu":
-        console.print(
-            "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
-        )
-    return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+    return results, captured
 
 
 def _measure_ttft(model: Any, input_ids: Any, results: list[Result], methods: list[Any], repeats: int, progress: Any) -> None:
@@ -303,7 +323,8 @@ def _measure_ttft(model: Any, input_ids: Any, results: list[Result], methods: li
         progress.advance(task)
 
 
-def _print_table(console: Any, results: list[Result], title: str) -> None:
+def _print_table(console: Any, results: list[Result], title: str, ttft_repeats: int = 0) -> None:
+    """The results table; with measured TTFTs also a TTFT column and the speed-up line."""
     from rich.table import Table
 
     table = Table(title=title)
@@ -329,6 +350,12 @@ def _print_table(console: Any, results: list[Result], title: str) -> None:
             *((f"{r.ttft_s * 1e3:.1f} ms" if r.ttft_s is not None else "—",) if with_ttft else ()),
         )
     console.print(table)
+    dense, sparse = results[0].ttft_s, results[-1].ttft_s
+    if dense is not None and sparse is not None:
+        console.print(
+            f"time to first token (prefill + one decode step, best of {ttft_repeats}): dense {dense * 1e3:.1f} ms, "
+            f"XAttention {sparse * 1e3:.1f} ms: [bold]{dense / sparse:.2f}x[/]"
+        )
 
 
 def _heatmap(

@@ -862,6 +862,8 @@ def run(
     if random_weights:
         path = Path(kernel_record) if kernel_record is not None else latest_kernel_record()
         _compose(record, configs, path)
+    for row in record["rows"]:
+        row["ttft_vs_sdpa"] = _speedup(record, row)
     if any(r["speed_only"] for r in record["rows"]):
         record["notes"].append("speed_only rows: beyond the trained context (linear RoPE interpolation): speed only")
     record["seconds"] = time.perf_counter() - ctx["start"]
@@ -894,7 +896,7 @@ def format_table(record: dict[str, Any]) -> str:
         if not r["speed_valid"]:
             speed = "answer wrong | — | —"
         else:
-            sp = _speedup(record, r)
+            sp = r.get("ttft_vs_sdpa")
             speed = f"{r['ttft_ms']['best']:.2f} | {r['ttft_ms']['median']:.2f} | {'—' if sp is None else f'{sp:.2f}x'}"
         peak = "—" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
         stages = " | ".join(f"{s[k]:.2f}" for k in STAGES)
@@ -936,7 +938,7 @@ def plot(record: dict[str, Any], path: Path) -> None:
         h = [r["profiled"]["stages_ms"][stage] for r in rows]
         ax2.bar(x, h, bottom=bottom, color=colors(i), label=stage.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, h, strict=True)]
-    ax2.set_xticks(x, [f"{r['length'] // 1024}K {r['config'][:24]}" for r in rows], rotation=60, ha="right", fontsize=6)
+    ax2.set_xticks(x, [f"{r['length'] / 1024:g}K {r['config'][:24]}" for r in rows], rotation=60, ha="right", fontsize=6)
     ax2.set_ylabel("ms (profiled run; composed rows: composed)")
     ax2.set_title("Where the TTFT goes", fontsize=10)
     ax2.legend(fontsize=7)

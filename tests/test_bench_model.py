@@ -27,7 +27,7 @@ ROW_FIELDS = {
 }  # fmt: skip
 RECORD_FIELDS = {
     "benchmark", "model", "random_weights", "model_info", "gpu", "device", "date", "torch", "transformers", "triton",
-    "cuda", "dtype", "fa4", "params", "rows", "notes", "stopped", "seconds",
+    "cuda", "capability", "dtype", "fa4", "params", "rows", "notes", "stopped", "seconds",
 }  # fmt: skip
 
 

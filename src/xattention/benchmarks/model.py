@@ -93,6 +93,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Llama-3.1-8B's shape with random weights, built on the device. Run it LAST of the models (its own call): 16 GB of bf16
+# weights, and at 128K another ~16 GB of KV cache plus ~15 GB of prefill activations (logits_to_keep=1 keeps the LM
+# head at one position); a failure there then costs no other result.
 RANDOM_LLAMA = "llama-8b-random"
 SDPA_NAMES = ("sdpa", "dense")
 DENSE_XA = "dense-xa"
@@ -198,14 +201,20 @@ def _cache_kwargs(model: Any, out: Any) -> dict[str, Any]:
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 
+def _prefill_kwargs(model: Any, input_ids: Tensor) -> dict[str, Any]:
+    """A cached prefill that computes the logits of the last position only (where the model supports it)."""
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return kwargs
+
+
 def _prefill_and_step(model: Any, input_ids: Tensor, clock: _Clock) -> tuple[Any, Any, Any]:
     """Prefill ``input_ids [1, L]`` (``logits_to_keep=1``), pick the greedy token, run one decode step with the cache.
 
     Returns three clock marks: before the prefill, after the first token, after the decode step's token. Nothing is
     read back to the host, so the marks time the device's work (plus any host sync the model itself makes)."""
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": True}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
+    kwargs = _prefill_kwargs(model, input_ids)
     start = clock.mark()
     out = model(**kwargs)
     token = out.logits[:, -1:].argmax(dim=-1)
@@ -296,7 +305,7 @@ def _timed_attention(original: Callable[..., Any], log: _StageLog) -> Callable[.
     """Wrap an ``AttentionInterface`` function: prefill calls (``Lq > 1``) are bracketed by clock marks and classed as
     ``local`` (the module has a ``sliding_window``), ``sparse`` (a selection ran inside) or ``dense``."""
 
-    def forward(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, *args: Any, **kwargs: Any):
+    def forward(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
         if query.shape[2] == 1:  # decode steps are timed as a whole
             return original(module, query, key, value, attention_mask, *args, **kwargs)
         first = len(log.selections)
@@ -402,7 +411,7 @@ def greedy_answer(model: Any, input_ids: Tensor, *, max_new_tokens: int, eos: se
     """Greedy decoding of ``input_ids [1, L]`` with a KV cache: up to ``max_new_tokens`` new ids, stopping at ``eos``."""
     tokens: list[int] = []
     with torch.no_grad():
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        out = model(**_prefill_kwargs(model, input_ids))
         for _ in range(max_new_tokens):
             nxt = out.logits[:, -1:].argmax(dim=-1)
             tokens.append(int(nxt))
@@ -470,6 +479,8 @@ def set_rope_factor(model: Any, factor: float, original: Any) -> None:
     setattr(config, key, new)
     for module in model.modules():
         if hasattr(module, "inv_freq") and hasattr(module, "rope_type") and hasattr(module, "config"):
+            if module.config is not config:
+                setattr(module.config, key, copy.deepcopy(new))
             fresh = type(module)(module.config)
             module.rope_type = fresh.rope_type
             module.attention_scaling = fresh.attention_scaling
@@ -762,6 +773,7 @@ def _header(model: Any, name: str, settings: Settings, random_weights: bool) -> 
         "transformers": transformers.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
+        "capability": list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "fa4": fa4_status(device),
         "params": {
@@ -816,6 +828,7 @@ def _measure_length(
         row.update(length=length, tokens=int(ids.shape[1]), rope_factor=factor, speed_only=speed_only,
                    backend=_backend(config, device, record["fa4"]), speed_valid=valid)  # fmt: skip
         record["rows"].append(row)
+        row["ttft_vs_sdpa"] = _speedup(record, row)
         logger.info("L=%d %s: TTFT best %.2f ms, median %.2f ms, density %.3f, answer %s", length, config.spec,
                     row["ttft_ms"]["best"], row["ttft_ms"]["median"], row["density"], row["answer"]["status"])  # fmt: skip
         if ctx["on_row"] is not None:

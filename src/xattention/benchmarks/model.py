@@ -643,7 +643,7 @@ def measure_config(
         ttft = time_to_first_token(model, ids, warmup=settings.warmup, repeats=settings.repeats)
         profiled = profile_stages(model, ids, config.method)
     profiled["source"] = "one extra run with CUDA events around every prefill attention call and every selection"
-    real = [d for d in layer_density if d is not None]
+    real = [1.0 if d is None else d for d in layer_density]  # None: that layer ran dense (below min_seq_len)
     status = _answer_status(answer or "", passkey, reference)
     row: dict[str, Any] = {
         "config": config.spec,

@@ -3,7 +3,10 @@
 Builds a passkey prompt (RULER's ``niah_single_1`` phrasing over RULER's repetitive "noise" haystack, so no data package is
 needed), answers it greedily twice — dense SDPA, then XAttention prefill (``min_seq_len=0`` so it really runs sparse) with
 dense decode — and prints one table row per method: answer, correct?, block density and attention mass kept (mean over
-layers), prefill time. Saves a PNG with, for one layer and head, the kept blocks beside the dense block-attention map.
+layers), prefill time, and on a GPU the time to first token of each
+(:func:`xattention.benchmarks.model.time_to_first_token`: CUDA events, best of 3 after a warm-up), by default at the
+longest prompt the model's context holds (SmolLM2: ~8.1K tokens). Saves a PNG with, for one layer and head, the kept
+blocks beside the dense block-attention map.
 
 On CPU the sparse path runs the plain-PyTorch reference, so its prefill is not faster than dense SDPA there; the speed-up
 needs the Triton kernels on a GPU. Density and attention mass kept are the same on both.
@@ -148,6 +151,7 @@ class Result:
     density: float
     mass_kept: float
     prefill_s: float
+    ttft_s: float | None = None  # best of the TTFT repeats (prefill + one decode step), when measured
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -167,7 +171,7 @@ def run_demo(
     model: Any,
     tokenizer: Any,
     *,
-    length: int,
+    length: int | None = None,
     depth: float = 0.5,
     threshold: float = 0.9,
     stride: int = 8,
@@ -178,20 +182,28 @@ def run_demo(
     out: str | Path = "xattention-demo.png",
     max_new_tokens: int = 12,
     console: Any = None,
+    ttft_repeats: int | None = None,
 ) -> dict[str, Any]:
     """Dense vs XAttention on one passkey prompt; prints the table and writes the heatmap PNG to ``out``.
+
+    ``length`` ``None``: the longest prompt the model's trained context holds with the answer
+    (:func:`xattention.benchmarks.model.longest_prompt`; SmolLM2: ~8.1K tokens). ``ttft_repeats`` (default 3 on a GPU,
+    0 = not measured on the CPU): timed TTFT repeats per method after one warm-up, the best one reported.
 
     Returns:
         ``{"prompt": Prompt, "results": [Result(dense), Result(xattention)], "heatmap": {...}, "png": Path}``.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .integrations import hf
-    from .methods import Dense, XAttention
+    from .benchmarks.model import longest_prompt
+    from .methods import XAttention
 
     console = console or Console()
     device = next(model.parameters()).device
+    if length is None:
+        length = longest_prompt(model, max_new_tokens) or DEFAULT_GPU_LENGTH
+    if ttft_repeats is None:
+        ttft_repeats = 3 if device.type == "cuda" else 0
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     num_layers, num_heads = int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
     layer = num_layers // 2 if layer is None else layer
@@ -204,11 +216,56 @@ def run_demo(
     prompt = build_prompt(tokenizer, length, depth=depth, seed=seed)
     input_ids = prompt.input_ids.to(device)
     seq = input_ids.shape[1]
-    eos = _eos_ids(model, tokenizer)
     console.print(
         f"[bold]Needle in a haystack[/]: {seq} tokens, passkey {prompt.passkey} at depth {depth:.2f}; "
         f"{type(model).__name__} on {device} ({next(model.parameters()).dtype})"
     )
+    results, captured = _answer_both(
+        model, tokenizer, prompt, input_ids, method, layer=layer, max_new_tokens=max_new_tokens,
+        ttft_repeats=ttft_repeats, console=console,
+    )  # fmt: skip
+    _print_table(
+        console,
+        results,
+        f"passkey retrieval, {seq} tokens (XAttention: tau={threshold}, stride {stride}, blocks of {block_size})",
+        ttft_repeats,
+    )
+    q, k = captured[layer]
+    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
+    heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
+    console.print(
+        f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
+        f"{heat['mass_kept']:.3f} -> {heat['png']}"
+    )
+    if device.type == "cpu":
+        console.print(
+            "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
+        )
+    return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+
+
+def _answer_both(
+    model: Any,
+    tokenizer: Any,
+    prompt: Prompt,
+    input_ids: Any,
+    method: Any,
+    *,
+    layer: int,
+    max_new_tokens: int,
+    ttft_repeats: int,
+    console: Any,
+) -> tuple[list[Result], dict[int, Any]]:
+    """Answer ``prompt`` dense (capturing ``layer``'s q/k) and with ``method``, under a progress bar; with
+    ``ttft_repeats``, time both. Returns ``([Result(dense), Result(XAttention)], {layer: (q, k)})``; the model is left
+    without the hook."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .integrations import hf
+    from .methods import Dense
+
+    device = input_ids.device
+    eos = _eos_ids(model, tokenizer)
     n_layers = len(_layer_modules(model))
     results: list[Result] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -232,7 +289,7 @@ def run_demo(
             answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
             results.append(Result("dense", answer, prompt.passkey in answer, 1.0, 1.0, prefill))
 
-            task = progress.add_task(f"XAttention prefill (tau={threshold}, S={stride})", total=n_layers)
+            task = progress.add_task(f"XAttention prefill (tau={method.threshold}, S={method.stride})", total=n_layers)
             hf.apply(model, method, record_stats=True, record_mass=True)
             tokens, prefill = _generate(model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task)
             stats = [s for s in hf.collected_stats(model) if s["q_len"] > 1 and s["density"] is not None]
@@ -248,32 +305,30 @@ def run_demo(
                     prefill,
                 )
             )
+            if ttft_repeats:
+                _measure_ttft(model, input_ids, results, [Dense(), method], ttft_repeats, progress)
     finally:
         hf.remove(model)
-
-    _print_table(
-        console,
-        results,
-        f"passkey retrieval, {seq} tokens (XAttention: tau={threshold}, stride {stride}, blocks of {block_size})",
-    )
-    q, k = captured[layer]
-    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
-    heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
-    console.print(
-        f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
-        f"{heat['mass_kept']:.3f} -> {heat['png']}"
-    )
-    if device.type == "cpu":
-        console.print(
-            "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
-        )
-    return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+    return results, captured
 
 
-def _print_table(console: Any, results: list[Result], title: str) -> None:
+def _measure_ttft(model: Any, input_ids: Any, results: list[Result], methods: list[Any], repeats: int, progress: Any) -> None:
+    """Set ``results[i].ttft_s`` to the best TTFT (s) of ``model`` with ``methods[i]`` applied (one warm-up first)."""
+    from .benchmarks.model import applied, time_to_first_token
+
+    task = progress.add_task(f"time to first token (best of {repeats})", total=len(methods))
+    for result, method in zip(results, methods, strict=True):
+        with applied(model, method):
+            result.ttft_s = time_to_first_token(model, input_ids, warmup=1, repeats=repeats).best_ms / 1e3
+        progress.advance(task)
+
+
+def _print_table(console: Any, results: list[Result], title: str, ttft_repeats: int = 0) -> None:
+    """The results table; with measured TTFTs also a TTFT column and the speed-up line."""
     from rich.table import Table
 
     table = Table(title=title)
+    with_ttft = any(r.ttft_s is not None for r in results)
     for name, justify in (
         ("method", "left"),
         ("answer", "left"),
@@ -281,6 +336,7 @@ def _print_table(console: Any, results: list[Result], title: str) -> None:
         ("density", "right"),
         ("mass kept", "right"),
         ("prefill", "right"),
+        *((("TTFT", "right"),) if with_ttft else ()),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for r in results:
@@ -291,8 +347,15 @@ def _print_table(console: Any, results: list[Result], title: str) -> None:
             f"{r.density:.3f}",
             f"{r.mass_kept:.3f}",
             f"{r.prefill_s:.2f} s",
+            *((f"{r.ttft_s * 1e3:.1f} ms" if r.ttft_s is not None else "—",) if with_ttft else ()),
         )
     console.print(table)
+    dense, sparse = results[0].ttft_s, results[-1].ttft_s
+    if dense is not None and sparse is not None:
+        console.print(
+            f"time to first token (prefill + one decode step, best of {ttft_repeats}): dense {dense * 1e3:.1f} ms, "
+            f"XAttention {sparse * 1e3:.1f} ms: [bold]{dense / sparse:.2f}x[/]"
+        )
 
 
 def _heatmap(
@@ -352,7 +415,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--length",
         type=int,
         default=None,
-        help=f"prompt tokens (default {DEFAULT_CPU_LENGTH} on CPU, {DEFAULT_GPU_LENGTH} on GPU)",
+        help=f"prompt tokens (default {DEFAULT_CPU_LENGTH} on CPU; on GPU the longest the model's context holds)",
     )
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack, 0..1 (default %(default)s)")
     parser.add_argument("--threshold", type=float, default=0.9, help="XAttention threshold tau (default %(default)s)")
@@ -399,7 +462,7 @@ def main(args: argparse.Namespace) -> int:
     console = Console()
     start = time.perf_counter()
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    length = args.length or (DEFAULT_GPU_LENGTH if device.type == "cuda" else DEFAULT_CPU_LENGTH)
+    length = args.length or (None if device.type == "cuda" else DEFAULT_CPU_LENGTH)  # None: the model's longest
     try:
         with console.status(f"loading {args.model} ..."):
             model, tokenizer = load_model(args.model, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""``xattention bench {kernels,context-parallel}``: route to the benchmark modules."""
+"""``xattention bench {kernels,methods,quality,model,context-parallel}``: route to the benchmark modules."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ BENCHMARKS = {
     "kernels": ("xattention.benchmarks.kernels", "dense vs sparse kernels, selection, end to end (GPU)"),
     "methods": ("xattention.benchmarks.methods", "every method: selection time, density, mass kept, end to end (GPU)"),
     "quality": ("xattention.benchmarks.quality", "attention mass kept vs density per method on real q/k, oracle as ceiling"),
+    "model": ("xattention.benchmarks.model", "time to first token and peak memory of a HF model, dense vs XAttention"),
     "context-parallel": ("xattention.benchmarks.context_parallel", "ring sparse prefill over N ranks (torchrun)"),
 }
 

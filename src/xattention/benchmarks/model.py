@@ -682,7 +682,8 @@ def composed_rows(
 ) -> list[dict[str, Any]]:
     """Per length with a measured ``sdpa`` row and a kernel-benchmark row: TTFT composed as the measured non-attention
     time (profiled ``rest`` + ``decode_step`` of the ``sdpa`` run) plus ``layers`` x the kernel benchmark's per-layer
-    attention: cuDNN dense for ``dense (composed)``, ``estimate_ms`` (selection) and ``end_to_end_ms - estimate_ms``
+    attention: the fastest dense kernel (FA4 where measured, else cuDNN) for ``dense (composed)``, ``estimate_ms``
+    (selection) and ``end_to_end_ms - estimate_ms``
     (sparse attention) of the matching stride for each XAttention configuration."""
     by_length = {int(r["length"]): r for r in kernel.get("rows", [])}
     out = []
@@ -695,7 +696,8 @@ def composed_rows(
         common = {"length": base["length"], "tokens": base["tokens"], "composed": True, "speed_valid": True,
                   "answer": {"text": None, "expected": None, "status": "skipped (random weights)"},
                   "peak_memory_bytes": None, "rope_factor": base["rope_factor"], "speed_only": False}  # fmt: skip
-        parts = [("dense (composed)", None, {"dense_attention": layers * krow["dense_cudnn_ms"]}, 1.0)]
+        dense_ms = krow.get("dense_best_ms") or krow["dense_cudnn_ms"]  # the fastest dense kernel of that run
+        parts = [("dense (composed)", None, {"dense_attention": layers * dense_ms}, 1.0)]
         for c in configs:
             sel = _matching_selection(krow, c.method)
             if sel is not None:

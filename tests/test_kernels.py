@@ -14,6 +14,8 @@ import torch
 if importlib.util.find_spec("triton") is None:  # pragma: no cover - CI installs triton
     pytest.skip("triton is not installed", allow_module_level=True)
 
+import triton
+
 from xattention.kernels import reference as ref
 from xattention.kernels.antidiagonal import antidiagonal_block_scores
 from xattention.kernels.block_sparse_attention import block_sparse_attention, mask_to_indices
@@ -192,3 +194,13 @@ def test_block_sparse_attention_tma_path_matches_reference(shape: tuple) -> None
     out = block_sparse_attention(q, k, v, mask, block_size=block, causal=causal, use_tma=True)
     want = ref.block_sparse_attention(q.float(), k.float(), v.float(), mask, block_size=block, causal=causal)
     torch.testing.assert_close(out.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_scorer_configs_never_split_head_dim_below_a_16_deep_dot() -> None:
+    """Small head dims (tiny test models, D=16) must not reach a config whose D chunks are narrower than tl.dot takes:
+    the autotuner would stop on the compile error instead of skipping it."""
+    from xattention.kernels import antidiagonal
+
+    configs = [triton.Config({"BLOCK_T": 128, "BLOCK_U": 256, "SPLIT_D": sp}) for sp in (1, 2)]
+    assert [c.kwargs["SPLIT_D"] for c in antidiagonal._prune_configs(configs, {}, BLOCK_D=16)] == [1]
+    assert len(antidiagonal._prune_configs(configs, {}, BLOCK_D=128)) == 2

@@ -22,13 +22,14 @@ def _installed(module: str) -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _capability_of(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _capability_number(index: int) -> int:  # an int, not a tuple: dynamo compares constant ints, not constant tuples
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
-def capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability of a CUDA ``device``."""
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+def capability(device: torch.device) -> int:
+    """Compute capability of a CUDA ``device`` as one int, ``10 * major + minor`` (90 for Hopper)."""
+    return _capability_number(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -37,7 +38,7 @@ def triton_usable(device: torch.device) -> bool:
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
-    return device.type == "cuda" and capability(device) >= (8, 0)
+    return device.type == "cuda" and capability(device) >= 80
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:
@@ -45,7 +46,7 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
     t = tensors[0]
     if t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if capability(t.device) < (9, 0) or t.element_size() != 2:
+    if capability(t.device) < 90 or t.element_size() != 2:
         return False
     return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
@@ -56,7 +57,7 @@ def fa4_usable(device: torch.device) -> bool:
         return False
     from .fa4 import fa4_available
 
-    return capability(device)[0] in (9, 10, 11) and fa4_available()
+    return capability(device) // 10 in (9, 10, 11) and fa4_available()
 
 
 def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...] = ("reference", "triton")) -> str:

@@ -59,7 +59,17 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["S", "D", "R", "CAUSAL", "G", "PARTIAL", "USE_TMA"])
+def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop configs whose D chunks would be narrower than a 16-deep ``tl.dot`` (small head dims)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 16))
+    return [c for c in configs if block_d // c.kwargs.get("SPLIT_D", 1) >= 16]
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["S", "D", "R", "CAUSAL", "G", "PARTIAL", "USE_TMA"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _antidiagonal_scores_fwd(
     Q, K, QDesc, KDesc, Partial, TileMax, Out, RowMax,

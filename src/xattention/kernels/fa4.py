@@ -71,7 +71,7 @@ def refusal(q: Tensor, k: Tensor, *, block_size: int | None = None) -> str | Non
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (FA4 takes float16/bfloat16)"
     d = q.shape[-1]
-    major = capability(q.device)[0]
+    major = capability(q.device) // 10
     if d % 8 or d > 256 or (major != 9 and d > 128 and d != 256):
         return f"head dim {d}"
     if block_size is not None:

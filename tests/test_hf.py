@@ -505,3 +505,32 @@ def test_cuda_gemma3_prefill_reads_the_sliding_mask_once(gemma) -> None:
     model = copy.deepcopy(gemma).to("cuda", torch.bfloat16)
     xa.apply(model, xa.XAttention(block_size=64, stride=8, threshold=0.9, min_seq_len=0))
     assert _count_syncs_in_hook(model, "warn", input_ids=ids(length=1024).cuda()) == 1
+
+
+def test_dense_layers_run_fa4_dense_where_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dense layers and short inputs of an unpadded prefill go to the library's dense dispatch (FA4 where usable: faked
+    present here), not transformers' SDPA; a padded batch keeps transformers' path."""
+    calls: list[tuple[int, ...]] = []
+
+    def fake_fa4_dense(q, k, v, *, causal=True, scale=None, backend="auto"):
+        calls.append(tuple(q.shape))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    monkeypatch.setattr(hf, "fa4_usable", lambda device: True)
+    monkeypatch.setattr(hf, "dense_attention", fake_fa4_dense)
+    ids = torch.randint(1, VOCAB, (1, SEQ))
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
+    llama = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        want = llama(ids).logits
+        assert calls == []
+        xa.apply(llama, xa.Dense())
+        got = llama(ids).logits
+        assert len(calls) == 3  # one prefill call per layer
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        padded = torch.cat([torch.zeros(1, 20, dtype=torch.long), ids[:, :280]], dim=1)
+        llama(padded, attention_mask=(padded != 0).long())
+        assert calls == []
+    xa.remove(llama)

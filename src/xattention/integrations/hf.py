@@ -9,8 +9,9 @@ transformers (4.53+, 5.x) looks attention up by name: a model's attention module
 * Masks: the name uses transformers' own ``sdpa_mask`` (a 4-D boolean ``[B, 1, Lq, Lk]`` mask, or ``None`` for a plain
   causal batch without padding), so every dense step is exactly the SDPA path the model had before.
 * Prefill (``Lq > 1``) of a full-attention causal layer runs :func:`xattention.sparse_attention` with the layer's method;
-  decode (``Lq == 1``), non-causal modules, layers mapped to :class:`~xattention.Dense` and inputs shorter than
-  ``method.min_seq_len`` run transformers' SDPA function unchanged.
+  decode (``Lq == 1``) and non-causal modules run transformers' SDPA function unchanged; layers mapped to
+  :class:`~xattention.Dense` and inputs shorter than ``method.min_seq_len`` run FlashAttention-4 dense when unpadded
+  and FA4 runs on the device, else that same SDPA function.
 * Sliding-window layers (gemma-2/3 ``sliding_attention``, Mistral's ``sliding_window`` on every layer; transformers
   passes ``sliding_window`` to the attention function) prefill through :func:`xattention.sliding_window_attention`:
   exact, O(L·w), whatever method the layer was given. With a padded or custom mask they run transformers' SDPA with it.
@@ -47,6 +48,7 @@ from torch import Tensor
 
 from ..attention import block_sparse_attention, dense_attention, sparse_attention
 from ..block_mask import BlockMask
+from ..kernels import fa4_usable
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..methods.xattention import XAttention
@@ -266,6 +268,16 @@ def _spans(
     return spans, k_len
 
 
+def _fa4_dense(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scale: float | None) -> Tensor | None:
+    """Dense attention through FlashAttention-4 for an unpadded causal prefill where FA4 runs, ``[B, Hq, Lq, D]``;
+    ``None`` (transformers' SDPA with its mask runs instead) anywhere else."""
+    if attention_mask is not None or not fa4_usable(query.device) or (torch.is_grad_enabled() and query.requires_grad):
+        return None
+    # no mask and Lq < Lk only when prefilling an empty static cache: the keys past Lq are empty (see _spans)
+    k_len = min(key.shape[2], query.shape[2])
+    return dense_attention(query, key[:, :, :k_len], value[:, :, :k_len], scale=scale, backend="fa4")
+
+
 def _global_attention(
     layer: _LayerState,
     query: Tensor,
@@ -275,8 +287,9 @@ def _global_attention(
     scale: float | None,
     layer_idx: Any,
 ) -> Tensor | None:
-    """The sparse prefill of a causal full-attention layer, ``[B, Hq, Lq, D]``; ``None`` where transformers' SDPA runs
-    instead (a :class:`Dense` layer, every sequence shorter than ``min_seq_len``, a materialised mask under compile)."""
+    """The sparse prefill of a causal full-attention layer, ``[B, Hq, Lq, D]``. A :class:`Dense` layer, or every
+    sequence shorter than ``min_seq_len``, runs dense: through FlashAttention-4 when unpadded and FA4 runs here, else
+    ``None`` (transformers' SDPA with its mask), as for a materialised mask under compile."""
     state, method = layer.model, layer.method
     q_len, k_len = query.shape[2], key.shape[2]
     record: dict[str, Any] = {"layer": layer_idx, "q_len": q_len, "k_len": k_len, "density": None, "mass_kept": None}
@@ -286,7 +299,7 @@ def _global_attention(
     spans, k_len = ([], k_len) if isinstance(method, Dense) else _spans(state, attention_mask, query, key, layer_idx)
     if all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
         _finish_record(state, record, None)
-        return None
+        return _fa4_dense(query, key, value, attention_mask, scale)
     per_row: dict[str, list] = {"density": [None] * len(spans), "mass_kept": [None] * len(spans)}
 
     def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:

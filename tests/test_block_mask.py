@@ -153,3 +153,10 @@ def test_to_device_and_repr() -> None:
     moved = mask.to("cpu")
     assert torch.equal(moved.mask, mask.mask) and moved.q_len == 40 and moved.causal
     assert "density=1.000" in repr(mask)
+
+
+def test_meta_mask_density_is_one_clear_error() -> None:
+    mask = BlockMask(torch.zeros(1, 2, 3, 3, dtype=torch.bool, device="meta"), 16, 48, 48)
+    with pytest.raises(ValueError, match="meta"):
+        mask.density()
+    assert "density=meta" in repr(mask)

@@ -121,6 +121,8 @@ class BlockMask:
 
     def density(self) -> float:
         """Fraction of causally visible blocks that are kept, over every batch element and head."""
+        if self.mask.is_meta:
+            raise ValueError("a BlockMask on the meta device has no values: density() needs a real device")
         return float(self.density_per_head().mean())
 
     def to_token_mask(self) -> Tensor:
@@ -196,7 +198,8 @@ class BlockMask:
         return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal, self.shared_heads)
 
     def __repr__(self) -> str:
+        density = "meta" if self.mask.is_meta else f"{self.density():.3f}"
         return (
             f"BlockMask(shape={self.shape}, block_size={self.block_size}, q_len={self.q_len}, k_len={self.k_len}, "
-            f"causal={self.causal}, density={self.density():.3f})"
+            f"causal={self.causal}, density={density})"
         )

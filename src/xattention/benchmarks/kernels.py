@@ -36,8 +36,7 @@ def random_block_mask(batch: int, heads: int, length: int, block: int, density: 
     """A causal BlockMask keeping sink + diagonal + random blocks, at ``density`` of the visible blocks (in expectation).
 
     Density 1.0 is exactly the dense causal pattern."""
-    from ..block_mask import BlockMask
-    from ..kernels.reference import forced_blocks
+    from ..block_mask import BlockMask, forced_blocks
 
     full = BlockMask.full(batch, heads, block_size=block, q_len=length, k_len=length, device=device)
     if density >= 1.0:

@@ -13,13 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..block_mask import causal_block_bounds
+from ..block_mask import forced_blocks, visible_blocks
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "antidiagonal_block_scores",
+    "antidiagonal_partial_scores",
+    "block_rows_geometry",
     "block_sparse_attention",
+    "block_sparse_attention_lse",
+    "forced_blocks",
+    "merge_partial_row_stats",
+    "partial_block_scores",
     "select_blocks",
+    "select_blocks_masked",
+    "shard_lengths",
+    "token_visibility",
     "true_block_scores",
 ]
 
@@ -88,12 +97,6 @@ def antidiagonal_block_scores(
         probs = probs * (t * s < lq)[:, None].to(probs.dtype)  # padding rows carry no mass
         out[:, :, :, r0:r1] = probs.view(bsz, hkv, g, r1 - r0, r, kb, r).sum(dim=(4, 6))
     return out.view(bsz, hq, qb, kb)
-
-
-def forced_blocks(q_len: int, k_len: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
-    """bool ``[Qb, Kb]``: blocks every row keeps regardless of score — the sink (column 0) and the diagonal blocks
-    (those holding the row's own query positions; two when ``k_len - q_len`` is not a multiple of ``block_size``)."""
-    return block_rows_geometry(q_len, k_len, block_size, device=device)[0]
 
 
 def select_blocks(
@@ -346,16 +349,11 @@ def block_rows_geometry(
 ) -> tuple[Tensor, Tensor]:
     """``(forced, visible)``, bool ``[R, Kb]``, for query-block rows ``rows`` (default: all ``Qb``) of a problem.
 
-    ``forced`` is :func:`forced_blocks` (sink and diagonal blocks), ``visible`` the blocks a row may keep (all when not
-    causal, else those up to its last diagonal block).
+    ``forced`` is :func:`~xattention.block_mask.forced_blocks` (sink and diagonal blocks), ``visible``
+    :func:`~xattention.block_mask.visible_blocks` (the blocks a row may keep).
     """
-    lo, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    if rows is not None:
-        lo, hi = lo[rows], hi[rows]
-    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
-    forced = (cols == 0) | ((cols >= lo[:, None]) & (cols <= hi[:, None]))
-    visible = cols <= hi[:, None] if causal else torch.ones_like(forced)
-    return forced, visible
+    forced = forced_blocks(q_len, k_len, block_size, device, rows=rows)
+    return forced, visible_blocks(q_len, k_len, block_size, device, rows=rows, causal=causal)
 
 
 def select_blocks_masked(scores: Tensor, threshold: float | Tensor, *, forced: Tensor, visible: Tensor) -> Tensor:

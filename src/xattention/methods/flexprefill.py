@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from .._validation import check_qkv
-from ..block_mask import BlockMask, causal_block_bounds
+from ..block_mask import BlockMask, forced_blocks, visible_blocks
 from ..kernels import resolve_backend
-from ..kernels.reference import forced_blocks
 from .base import Method
 from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
 
@@ -32,12 +31,6 @@ def block_mean(x: Tensor, block_size: int) -> Tensor:
     if length % block_size:
         parts.append(x[..., full * block_size :, :].sum(dim=-2, keepdim=True, dtype=torch.float32) / (length % block_size))
     return torch.cat(parts, dim=-2)
-
-
-def _visible(q_len: int, k_len: int, block_size: int, causal: bool, device: torch.device) -> Tensor:
-    _, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
-    return cols <= hi[:, None] if causal else torch.ones(hi.numel(), cols.numel(), dtype=torch.bool, device=device)
 
 
 def _sqrt_js_divergence(p: Tensor, q: Tensor) -> Tensor:
@@ -160,7 +153,7 @@ class FlexPrefill(Method):
         q_pool = block_mean(q, b).view(bsz, hkv, hq // hkv, -1, d)
         k_pool = block_mean(k, b)
         logits = torch.einsum("bhgrd,bhcd->bhgrc", q_pool, k_pool).reshape(bsz, hq, q_pool.shape[-2], -1) * factor
-        visible = _visible(lq, lk, b, causal, q.device)
+        visible = visible_blocks(lq, lk, b, q.device, causal=causal)
         return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
     def estimate(
@@ -172,7 +165,7 @@ class FlexPrefill(Method):
         _, _, _, lq, lk, _ = check_qkv(q, k)
         resolve_backend(backend, q.device)
         b, gamma = self.block_size, float(self.gamma)
-        visible = _visible(lq, lk, b, causal, q.device)
+        visible = visible_blocks(lq, lk, b, q.device, causal=causal)
         forced = forced_blocks(lq, lk, b, q.device) & visible
 
         vertical, slash = last_queries_line_sums(q, k, last_q=b, causal=causal, scale=scale)

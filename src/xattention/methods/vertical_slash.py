@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from .._validation import check_qkv
-from ..block_mask import BlockMask, causal_block_bounds
+from ..block_mask import BlockMask, forced_blocks, visible_blocks
 from ..kernels import resolve_backend
-from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, forced_blocks
+from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS
 from .base import Method, check_fraction
 
 __all__ = [
@@ -234,8 +234,5 @@ class VerticalSlash(Method):
             v_keep = keep_top_lines(vertical, count=line_count(self.vertical_size, lk))
             s_keep = keep_top_lines(slash, count=line_count(self.slash_size, lk))
         cover = line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0
-        mask = cover | forced_blocks(lq, lk, b, q.device)
-        if causal:
-            _, hi = causal_block_bounds(lq, lk, b, q.device)
-            mask &= torch.arange(mask.shape[-1], device=q.device)[None, :] <= hi[:, None]
+        mask = (cover | forced_blocks(lq, lk, b, q.device)) & visible_blocks(lq, lk, b, q.device, causal=causal)
         return BlockMask(mask, b, lq, lk, causal)

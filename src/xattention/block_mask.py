@@ -10,6 +10,7 @@ Indexing (the contract every method and kernel shares):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -237,7 +238,7 @@ class BlockMask:
         return cls(mask, block_size, q_len, k_len, causal)
 
     def to(self, device: torch.device | str) -> BlockMask:
-        return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal, self.shared_heads)
+        return dataclasses.replace(self, mask=self.mask.to(device))
 
     def __repr__(self) -> str:
         return (

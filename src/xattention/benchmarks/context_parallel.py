@@ -126,12 +126,10 @@ def _inputs(
     return q, k, v
 
 
-def _kept_and_visible(mask: torch.Tensor, rows: torch.Tensor, seq_len: int, block_size: int) -> tuple[int, int]:
+def _kept_and_visible(mask: Any) -> tuple[int, int]:
     """Kept visible blocks and visible blocks of this rank's mask rows (summed over batch and heads)."""
-    from ..kernels.reference import block_rows_geometry
-
-    _, visible = block_rows_geometry(seq_len, seq_len, block_size, rows, device=mask.device)
-    return int((mask & visible).sum()), int(visible.sum()) * mask.shape[0] * mask.shape[1]
+    visible = mask.visible()
+    return int((mask.mask & visible).sum()), int(visible.sum()) * mask.mask.shape[0] * mask.mask.shape[1]
 
 
 def run(
@@ -157,7 +155,7 @@ def run(
     import torch.distributed as dist
 
     from ..attention import sparse_attention
-    from ..distributed import RingStats, SequenceLayout, ring_sparse_attention, shard_sequence, unshard_sequence
+    from ..distributed import RingStats, ring_sparse_attention, shard_sequence, unshard_sequence
     from ..methods.registry import single_method_from_spec
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -194,13 +192,12 @@ def run(
                     single_ms = _time_ms(single_call, device, warmup=warmup, iters=iters, barrier=False)
             dist.barrier()
             for layout in layouts:
-                lay = SequenceLayout(length, world, method.block_size, layout)  # type: ignore[arg-type]
                 q, k, v = (shard_sequence(x, rank, world, layout, block_size=method.block_size) for x in (q_full, k_full, v_full))  # type: ignore[arg-type]
                 stats = RingStats()
                 out, mask = ring_sparse_attention(q, k, v, method, layout=layout, passes=passes, stats=stats, return_mask=True)
                 ring_call = functools.partial(ring_sparse_attention, q, k, v, method, layout=layout, passes=passes)
                 ring_ms = _time_ms(ring_call, device, warmup=warmup, iters=iters, barrier=True)
-                kept, visible = _kept_and_visible(mask.mask, lay.blocks(rank, device), length, method.block_size)
+                kept, visible = _kept_and_visible(mask)
                 mine = {"rank": rank, "tokens": q.shape[2], "ring_ms": ring_ms, "kept": kept, "visible": visible,
                         **stats.as_dict()}  # fmt: skip
                 per_rank: list[Any] = [None] * world

@@ -59,7 +59,7 @@ from ..kernels import resolve_backend
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..methods.xattention import XAttention
-from .sharding import SequenceLayout, unshard_sequence
+from .sharding import SequenceLayout, ShardBlockMask, unshard_sequence
 
 __all__ = ["PhaseStats", "RingStats", "attend_shard", "ring_estimate", "ring_sparse_attention"]
 
@@ -423,10 +423,10 @@ def ring_estimate(
             (1 when ``B·Hq·(L_r/S)·Kb <= memory_budget``).
         stats: filled with this rank's communication counts.
     Returns:
-        A :class:`BlockMask` whose ``mask`` is bool ``[B, Hq, Qb_r, Kb]``: the full mask's rows for this rank's query
-        blocks (in local order, i.e. global blocks ``SequenceLayout(...).blocks(rank)``) over all ``Kb = ceil(L/b)``
-        global key blocks. Its ``q_len`` is ``L_r`` and ``k_len`` is ``L``; note that ``density()`` and ``visible()``
-        assume the rows are the last ones of the sequence, which holds only for the last rank of a contiguous layout.
+        A :class:`~xattention.distributed.ShardBlockMask` whose ``mask`` is bool ``[B, Hq, Qb_r, Kb]``: the full mask's
+        rows for this rank's query blocks (in local order, i.e. global blocks ``SequenceLayout(...).blocks(rank)``, its
+        ``rows``) over all ``Kb = ceil(L/b)`` global key blocks. Its ``q_len`` is ``L_r`` and ``k_len`` is ``L``; its
+        ``visible()`` and ``density()`` are those of these rows in the full sequence.
     """
     stats = stats if stats is not None else RingStats()
     if not isinstance(method, Method):
@@ -434,7 +434,8 @@ def ring_estimate(
     ring = _Ring.of(group)
     prob = _describe(q, k, ring, method.block_size, layout, stats)
     rows = _estimate_rows(q, k, method, prob, causal, scale, passes, memory_budget, stats, isinstance(method, Dense))
-    return BlockMask(rows, method.block_size, q.shape[2], prob.seq_len, causal)
+    blocks = prob.layout.blocks(ring.rank, q.device)
+    return ShardBlockMask(rows, method.block_size, q.shape[2], prob.seq_len, causal, rows=blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------- attention
@@ -495,7 +496,8 @@ def ring_sparse_attention(
             ``method.block_size``; see :func:`~xattention.distributed.shard_sequence`).
         method, group, causal, scale, layout, passes, memory_budget: as :func:`ring_estimate`.
         stats: filled with this rank's communication and compute counts.
-        return_mask: also return this rank's :class:`BlockMask` rows.
+        return_mask: also return this rank's mask rows (a :class:`~xattention.distributed.ShardBlockMask`; at one rank the
+            :class:`BlockMask` of :func:`xattention.sparse_attention`).
     Returns:
         ``[B, Hq, L_r, D]`` in q's dtype (and the mask rows).
     """
@@ -566,10 +568,7 @@ def ring_sparse_attention(
     def shape_of(origin: int) -> tuple[int, ...]:
         return (2, prob.batch, prob.kv_heads, lay.local_len(origin), prob.head_dim)
 
-    if w == 1:  # nothing travels: attend to the local K/V without packing them
-        attend(p, None)
-    else:
-        _ring_pass(ring, torch.stack([k, v]), shape_of, need, lambda o, t: attend(o, None if o == p else t), stats.attention)
+    _ring_pass(ring, torch.stack([k, v]), shape_of, need, lambda o, t: attend(o, None if o == p else t), stats.attention)
 
     outs = []
     for (s, e, _), part in zip(q_runs, acc, strict=True):
@@ -581,5 +580,5 @@ def ring_sparse_attention(
     if p == 0 and logger.isEnabledFor(logging.DEBUG):
         logger.debug("ring %s over %d ranks: %s", type(method).__name__, w, stats)
     if return_mask:
-        return out, BlockMask(rows, b, q.shape[2], prob.seq_len, causal)
+        return out, ShardBlockMask(rows, b, q.shape[2], prob.seq_len, causal, rows=lay.blocks(p, q.device))
     return out

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._common import attention_scales, text_config
 from ._parsing import parse_lengths
 from ._validation import check_qkv
 from .block_mask import BlockMask
@@ -534,22 +535,6 @@ def parse_target(target: str | Mapping[str, float] | tuple[str, float]) -> tuple
     return kind, number
 
 
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def attention_scales(model: Any) -> dict[int, float]:
-    """``{layer index: softmax scale}`` read from the attention modules (``scaling``, as Hugging Face models name it),
-    so models whose scale is not ``1/sqrt(D)`` (e.g. Gemma's query_pre_attn_scalar) are scored as they run."""
-    scales: dict[int, float] = {}
-    for module in model.modules():
-        layer, scaling = getattr(module, "layer_idx", None), getattr(module, "scaling", None)
-        if isinstance(layer, int) and isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
-            scales.setdefault(layer, float(scaling))
-    return scales
-
-
 def _capture_fn():
     """The q/k capture hook (kept behind a function so tests can substitute it)."""
     from .integrations.hf import capture_qk
@@ -611,10 +596,9 @@ def calibrate(
     kind, value = parse_target(target)
     cands = _check_candidates(candidates)
     lens = parse_lengths(lengths) if isinstance(lengths, str) else parse_lengths([int(n) for n in lengths])
-    lens = list(dict.fromkeys(lens))  # a repeated length would count its prompts twice
     if not isinstance(samples, int) or samples <= 0:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
-    config = _text_config(model)
+    config = text_config(model)
     num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and max(lens) > int(max_pos):
@@ -786,7 +770,7 @@ def _parse_candidates(text: str) -> list[float]:
 def main(args: argparse.Namespace) -> int:
     """Run ``xattention calibrate``: load the model, calibrate, save the thresholds, print the comparison."""
     from ._extras import require_model
-    from ._parsing import parse_device
+    from ._parsing import parse_device, parse_dtype
     from .methods import XAttention
     from .models import load_model
     from .thresholds import save_thresholds
@@ -806,11 +790,7 @@ def main(args: argparse.Namespace) -> int:
             text = Path(args.text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"--text {args.text}: cannot read it as UTF-8 text ({exc})") from None
-    dtype = None
-    if args.dtype is not None:
-        dtype = getattr(torch, args.dtype, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype")
+    dtype = None if args.dtype is None else parse_dtype(args.dtype, option="--dtype")
     model, tokenizer = load_model(args.model, device=device, dtype=dtype)
     model.eval()
     thresholds, report = calibrate(

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._common import attention_modules, synchronize, text_config
+from .evaluation.data import NOISE_SENTENCE
+
 __all__ = ["HAYSTACK", "Prompt", "add_arguments", "build_prompt", "main", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
 # RULER's "noise" haystack (Hsieh et al., 2024): the same five sentences, repeated.
-HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+HAYSTACK = NOISE_SENTENCE + " "
 INSTRUCTION = (
     "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
     "I will quiz you about the numbers afterwards.\n"
@@ -93,17 +96,8 @@ def build_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int =
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _layer_modules(model: Any) -> list[Any]:
-    from .integrations.hf import _attention_modules
-
-    return [m for m in _attention_modules(model) if "attention" in type(m).__name__.lower()]
+    return [m for m in attention_modules(model) if "attention" in type(m).__name__.lower()]
 
 
 def _generate(
@@ -119,10 +113,10 @@ def _generate(
     hooks = [m.register_forward_hook(lambda *_: progress.advance(task)) for m in _layer_modules(model)]
     try:
         with torch.no_grad():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            _sync(device)
+            synchronize(device)
             prefill = time.perf_counter() - start
     finally:
         for h in hooks:
@@ -192,8 +186,8 @@ def run_demo(
 
     console = console or Console()
     device = next(model.parameters()).device
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers, num_heads = int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
+    config = text_config(model)
+    num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
     layer = num_layers // 2 if layer is None else layer
     if not 0 <= layer < num_layers:
         raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
@@ -370,16 +364,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_arguments(args: argparse.Namespace) -> Any:
     """Everything that can be checked without the model (which takes ~18 s to load): the extras, the device and the
     numbers. Returns the ``torch.device``; ``ValueError`` (or ``ModuleNotFoundError`` naming the extra) otherwise."""
-    import torch
-
     from ._extras import require_model
-    from ._parsing import parse_device
+    from ._parsing import parse_device, parse_dtype
     from .methods import XAttention
 
     require_model(args.model, "rich", "matplotlib")
     device = parse_device(args.device)
-    if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype; use e.g. float32 or bfloat16")
+    if args.dtype is not None:
+        parse_dtype(args.dtype, option="--dtype")
     XAttention(threshold=args.threshold, stride=args.stride, block_size=args.block_size, min_seq_len=0)
     if not 0.0 <= args.depth <= 1.0:
         raise ValueError(f"--depth must lie in [0, 1], got {args.depth}")

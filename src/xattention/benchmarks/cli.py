@@ -1,4 +1,4 @@
-"""``xattention bench {kernels,context-parallel}``: route to the benchmark modules."""
+"""``xattention bench {kernels,methods,quality,context-parallel}``: route to the benchmark modules (:data:`BENCHMARKS`)."""
 
 from __future__ import annotations
 

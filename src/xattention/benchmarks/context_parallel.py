@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from .._parsing import parse_lengths
+from .._common import synchronize
+from .._parsing import parse_lengths, torch_dtype
 from ..methods.registry import split_method_specs
 from .records import device_stem
 
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 # creates them can fail to initialise or leave them behind. Plain NVLink P2P is all the ring needs.
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}
 
 
 def _free_port() -> int:
@@ -81,18 +82,13 @@ def _init_distributed(device_kind: str) -> tuple[torch.device, bool]:
     return device, True
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int, barrier: bool) -> float:
     """Median milliseconds of ``fn`` over ``iters`` runs (CUDA events on GPU; the CPU clock only for CPU work)."""
     import torch.distributed as dist
 
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(iters):
         if barrier:

@@ -121,7 +121,7 @@ def _average(per_prompt: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def run(model_name: str, length: int, prompts: int, *, tasks: Sequence[str], seed: int, device: str, block_size: int) -> dict:
     """Load the model, build ``prompts`` evaluation prompts of ``length`` tokens, capture q/k and :func:`sweep` them."""
-    from ..calibration import attention_scales
+    from .._common import attention_scales
     from ..evaluation.tasks import SampleGenerator, resolve_tasks
     from ..integrations.hf import capture_qk
     from ..models import load_model

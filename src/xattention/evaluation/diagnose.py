@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._common import attention_scales, device_of, text_config
 from .tasks import (
     CWE_TEMPLATE,
     FWE_TEMPLATE,
@@ -206,11 +207,9 @@ def needle_attention(
     """
     import torch
 
-    from ..calibration import attention_scales
     from ..integrations.hf import capture_qk
     from ..kernels.reference import token_visibility
     from ..methods.dense import Dense
-    from .runner import device_of
 
     if positions is None:
         positions = answer_positions(tokenizer, sample)
@@ -337,7 +336,7 @@ def _layer_methods(model: Any, label: str, method: Any) -> Any:
     path = method_thresholds(label)
     if path is None:
         return method
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     return layer_methods(method, int(config.num_hidden_layers), int(config.num_attention_heads), path)
 
 

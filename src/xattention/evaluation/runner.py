@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .._parsing import parse_device, parse_lengths
+from .._common import device_of, synchronize, text_config
+from .._parsing import parse_device, parse_lengths, torch_dtype
 from ..methods import Method, method_from_spec
 from ..methods.registry import single_method_from_spec, split_method_specs, split_thresholds
 from .scoring import score
@@ -178,18 +179,6 @@ class EvalConfig:
         return self
 
 
-def torch_dtype(name: str) -> Any:
-    """``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"float16"`` / ``"fp32"`` / ``"float32"`` -> the torch dtype;
-    ``ValueError`` naming the accepted spellings otherwise."""
-    import torch
-
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
-    if name.lower() not in dtypes:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
-    return dtypes[name.lower()]
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # results file
 
@@ -282,12 +271,9 @@ def context_limit_from_files(model: str) -> int | None:
 
 def model_context_limit(model: Any) -> int | None:
     """``max_position_embeddings`` of a loaded model's (text) config, ``None`` if it has none."""
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    value = getattr(config, "max_position_embeddings", None)
+    value = getattr(text_config(model), "max_position_embeddings", None)
     return int(value) if value else None
 
 
@@ -301,26 +287,6 @@ def check_context(lengths: Sequence[int], limit: int | None, model: str) -> None
 def resolve_device(device: str | None) -> str:
     """``None`` or ``"auto"``: the first CUDA GPU when there is one, else the CPU (see :func:`parse_device`)."""
     return str(parse_device(device))
-
-
-def device_of(model: Any) -> Any:
-    """The ``torch.device`` a model's inputs go to: ``model.device``, else its first parameter's, else the CPU."""
-    import torch
-
-    device = getattr(model, "device", None)
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def _synchronize(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":  # timing needs the queued kernels finished
-        torch.cuda.synchronize(device)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -348,7 +314,7 @@ class _Timer:
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         if self.first is None:
-            _synchronize(self.device)
+            synchronize(self.device)
             self.first = time.perf_counter()
         return scores
 
@@ -394,7 +360,7 @@ def generate_answers(
         mask[row, width - s.tokens :] = 1
     timer = _Timer(device)
     extra = {"output_logits": True, "return_dict_in_generate": True} if return_logits else {}
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -407,7 +373,7 @@ def generate_answers(
             logits_processor=_logits_processors(timer),
             **extra,
         )
-    _synchronize(device)
+    synchronize(device)
     end = time.perf_counter()
     prefill_ms = 1000.0 * ((timer.first or end) - start)
     logits = None

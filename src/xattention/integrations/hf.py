@@ -37,7 +37,6 @@ import inspect
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._common import attention_modules, clock, text_config
 from ..attention import block_sparse_attention, dense_attention, sparse_attention
 from ..block_mask import BlockMask
 from ..methods.base import Method
@@ -206,13 +206,6 @@ def _sliding_window(module: Any, kwargs: dict[str, Any]) -> Any:
     return kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
 
 
-def _clock(device: torch.device) -> float:
-    """Wall-clock seconds after the device's queued work is done (so the time of statistics is measured alone)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _sparse(q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None) -> tuple[Tensor, BlockMask | None]:
     """:func:`xattention.sparse_attention` with its mask. While dynamo traces, the same two steps without its debug log:
     dynamo cannot trace ``Logger.isEnabledFor``, and a graph break inside every layer's attention makes dynamo compile
@@ -229,7 +222,7 @@ def _record_rows(
     state: _ModelState, q: Tensor, k: Tensor, block_mask: BlockMask | None, scale: float | None, rows: range, per_row: dict
 ) -> None:
     """Density (and with ``record_mass`` the attention mass kept) of batch ``rows``, mean over heads. Synchronises."""
-    start = _clock(q.device)
+    start = clock(q.device)  # the statistics' time alone, not the attention queued before them
     ones = [1.0] * len(rows)
     per_row["density"][rows.start : rows.stop] = (
         ones if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
@@ -237,7 +230,7 @@ def _record_rows(
     if state.record_mass:
         kept = ones if block_mask is None else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
         per_row["mass_kept"][rows.start : rows.stop] = kept
-    state.stats_seconds += _clock(q.device) - start
+    state.stats_seconds += clock(q.device) - start
 
 
 def _finish_record(state: _ModelState, record: dict[str, Any], per_row: dict[str, list] | None) -> None:
@@ -411,11 +404,6 @@ def xattention_attention_forward(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _all_configs(model: torch.nn.Module) -> list[Any]:
     """Every config object in the model: the top config, its sub-configs (recursively) and every sub-model's config."""
     seen: dict[int, Any] = {}
@@ -430,11 +418,6 @@ def _all_configs(model: torch.nn.Module) -> list[Any]:
             if sub is not None:
                 stack.append(sub)
     return list(seen.values())
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules carrying an integer ``layer_idx`` (attention modules, and in some models their decoder layers)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
 def _check_supported(model: Any) -> None:
@@ -511,7 +494,7 @@ def apply(
         implementation the model had before the first ``apply``.
     """
     _check_supported(model)
-    text = _text_config(model)
+    text = text_config(model)
     num_layers, num_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     methods = layer_methods(method, num_layers, num_heads, thresholds)
 
@@ -522,7 +505,7 @@ def apply(
     old: _ModelState | None = getattr(model, _STATE_ATTR, None)
     previous = old.previous if old is not None else [(c, c._attn_implementation) for c in _all_configs(model)]
     state = _ModelState(previous=previous, record_stats=record_stats, record_mass=record_mass)
-    modules = _attention_modules(model)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention module with a layer_idx, so layers cannot be told apart")
     dense = Dense()
@@ -551,7 +534,7 @@ def remove(model: Any) -> Any:
         return model
     for config, implementation in state.previous:
         config._attn_implementation_internal = implementation
-    for module in _attention_modules(model):
+    for module in attention_modules(model):
         if hasattr(module, _LAYER_ATTR):
             delattr(module, _LAYER_ATTR)
     delattr(model, _STATE_ATTR)

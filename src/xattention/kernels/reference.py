@@ -22,6 +22,7 @@ __all__ = [
     "block_rows_geometry",
     "block_sparse_attention",
     "block_sparse_attention_lse",
+    "cumulative_select",
     "forced_blocks",
     "merge_partial_row_stats",
     "partial_block_scores",
@@ -361,16 +362,51 @@ def select_blocks_masked(scores: Tensor, threshold: float | Tensor, *, forced: T
 
     Lets a caller select any subset of rows (a rank's query blocks) with :func:`block_rows_geometry`.
     """
-    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64)
-    thr = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
-    thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
-    order = torch.sort(torch.where(forced, float("inf"), s), dim=-1, descending=True, stable=True).indices
+    return cumulative_select(scores, threshold, forced=forced, visible=visible)
+
+
+def cumulative_select(
+    scores: Tensor,
+    threshold: float | Tensor | None = None,
+    *,
+    count: int | Tensor | None = None,
+    forced: Tensor | None = None,
+    visible: Tensor | None = None,
+) -> Tensor:
+    """The one selection rule of every method: per row of ``scores`` (its last dim), the ``forced`` entries first, then
+    the other ``visible`` ones in descending score (ties: lower index), either the first ``count`` or while the kept
+    score (forced ones included) is below ``threshold x`` the row's visible total. Zero-score entries are never added
+    (they add no mass); ``threshold >= 1`` keeps every entry with a non-zero score.
+
+    Sums run in float64, so a threshold compares exactly as given (a float32 0.9 would move the cut-off).
+
+    Args:
+        scores: non-negative ``[..., N]`` (block scores per row ``[B, H, Qb, Kb]``, line scores ``[B, H, L]``, or a
+            head's flattened block matrix ``[B, H, Qb*Kb]``).
+        threshold: float, or per-head tensor ``[H]`` for 4-D ``scores``; exactly one of ``threshold`` and ``count``.
+        count: entries to keep per row (an int, or a tensor broadcastable to ``scores[..., :1]``).
+        forced, visible: bool, broadcastable to ``scores`` (default: nothing forced, everything visible).
+    Returns:
+        bool, ``scores``' shape: ``(kept | forced) & visible``.
+    """
+    if (threshold is None) == (count is None):
+        raise ValueError("give exactly one of threshold and count")
+    s = (scores if visible is None else torch.where(visible, scores, torch.zeros_like(scores))).to(torch.float64)
+    key = s if forced is None else torch.where(forced, float("inf"), s)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     sorted_s = torch.gather(s, -1, order)
-    before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this block
-    total = s.sum(dim=-1, keepdim=True)
-    keep_sorted = ((before < thr * total) | (thr >= 1.0)) & (sorted_s > 0)
+    if count is not None:
+        keep_sorted = torch.arange(s.shape[-1], device=s.device) < count
+    else:
+        thr = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
+        thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
+        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this entry
+        keep_sorted = (before < thr * s.sum(dim=-1, keepdim=True)) | (thr >= 1.0)
+    keep_sorted = keep_sorted & (sorted_s > 0)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return (keep | forced) & visible
+    if forced is not None:
+        keep = keep | forced
+    return keep if visible is None else keep & visible
 
 
 def block_sparse_attention_lse(

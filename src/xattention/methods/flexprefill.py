@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .._validation import check_qkv
-from ..block_mask import BlockMask, forced_blocks, visible_blocks
-from ..kernels import resolve_backend
+from ..block_mask import BlockMask, visible_blocks
+from ..kernels.reference import cumulative_select
 from .base import Method
 from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
 
@@ -44,16 +44,8 @@ def _sqrt_js_divergence(p: Tensor, q: Tensor) -> Tensor:
 def _select_global(scores: Tensor, forced: Tensor, visible: Tensor, gamma: float) -> Tensor:
     """Cumulative selection over a head's whole block matrix ``[B, H, Qb, Kb]``: forced blocks first, then descending
     score (ties: lower flat index) while the kept score is below ``gamma x`` the head's total; zero scores never."""
-    bsz, h, qb, kb = scores.shape
-    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64).reshape(bsz, h, qb * kb)
-    f = forced.reshape(1, 1, qb * kb)
-    order = torch.sort(torch.where(f, float("inf"), s), dim=-1, descending=True, stable=True).indices
-    sorted_s = torch.gather(s, -1, order)
-    before = torch.cumsum(sorted_s, dim=-1) - sorted_s
-    total = s.sum(dim=-1, keepdim=True)
-    keep_sorted = ((before < gamma * total) | (gamma >= 1.0)) & (sorted_s > 0)
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(bsz, h, qb, kb)
-    return (keep | forced) & visible
+    flat = cumulative_select(scores.flatten(-2), gamma, forced=forced.flatten(), visible=visible.flatten())
+    return flat.view(scores.shape)
 
 
 def _top_up(mask: Tensor, scores: Tensor, visible: Tensor, min_blocks: int) -> Tensor:
@@ -162,11 +154,9 @@ class FlexPrefill(Method):
         """FlexPrefill blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
 
         Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        _, _, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)
-        b, gamma = self.block_size, float(self.gamma)
-        visible = visible_blocks(lq, lk, b, q.device, causal=causal)
-        forced = forced_blocks(lq, lk, b, q.device) & visible
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        lq, lk, b, gamma = geo.q_len, geo.k_len, self.block_size, float(self.gamma)
+        visible, forced = geo.visible, geo.forced  # the forced blocks are always visible
 
         vertical, slash = last_queries_line_sums(q, k, last_q=b, causal=causal, scale=scale)
         query_aware = (self._divergence(q, k, vertical, scale) < self.tau)[..., None, None]
@@ -181,5 +171,4 @@ class FlexPrefill(Method):
 
         mask = torch.where(query_aware, qa_mask, vs_mask)
         scores = torch.where(query_aware, qa_scores.to(torch.float64), vs_scores)
-        mask = _top_up(mask, scores, visible, self.min_budget)
-        return BlockMask(mask.contiguous(), b, lq, lk, causal)
+        return geo.block_mask(_top_up(mask, scores, visible, self.min_budget))

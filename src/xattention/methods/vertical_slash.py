@@ -13,10 +13,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_qkv
-from ..block_mask import BlockMask, forced_blocks, visible_blocks
-from ..kernels import resolve_backend
-from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS
+from ..block_mask import BlockMask
+from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, cumulative_select
 from .base import Method, check_fraction
 
 __all__ = [
@@ -89,20 +87,11 @@ def last_queries_line_sums(
 def keep_top_lines(scores: Tensor, *, count: int | None = None, threshold: float | None = None) -> Tensor:
     """bool mask of the lines (last dim) to keep: the ``count`` highest, or the fewest whose sum reaches
     ``threshold x`` the total (exactly one of the two). Descending score, ties to the lower index; lines with zero
-    score are never kept (they carry no mass); ``threshold >= 1`` keeps every line with non-zero score."""
+    score are never kept (they carry no mass); ``threshold >= 1`` keeps every line with non-zero score
+    (:func:`~xattention.kernels.reference.cumulative_select` without forced lines)."""
     if (count is None) == (threshold is None):
         raise ValueError("give exactly one of count and threshold")
-    s = scores.to(torch.float64)
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    sorted_s = torch.gather(s, -1, order)
-    if count is not None:
-        keep_sorted = torch.arange(s.shape[-1], device=s.device) < count
-    else:
-        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this line
-        total = s.sum(dim=-1, keepdim=True)
-        keep_sorted = (before < threshold * total) | (threshold >= 1.0)
-    keep_sorted = keep_sorted & (sorted_s > 0)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return cumulative_select(scores, threshold, count=count)
 
 
 def line_block_sums(
@@ -223,9 +212,8 @@ class VerticalSlash(Method):
         """Block cover of the vertical-slash lines for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: ``[B, Hq, Qb, Kb]``.
 
         Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        _, _, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)
-        b = self.block_size
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        lq, lk, b = geo.q_len, geo.k_len, self.block_size
         vertical, slash = last_queries_line_sums(q, k, last_q=self.last_q, causal=causal, scale=scale)
         if self.threshold is not None:
             v_keep = keep_top_lines(vertical, threshold=float(self.threshold))
@@ -233,6 +221,4 @@ class VerticalSlash(Method):
         else:
             v_keep = keep_top_lines(vertical, count=line_count(self.vertical_size, lk))
             s_keep = keep_top_lines(slash, count=line_count(self.slash_size, lk))
-        cover = line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0
-        mask = (cover | forced_blocks(lq, lk, b, q.device)) & visible_blocks(lq, lk, b, q.device, causal=causal)
-        return BlockMask(mask, b, lq, lk, causal)
+        return geo.block_mask(line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0)

@@ -179,72 +179,22 @@ def run_demo(
         ``{"prompt": Prompt, "results": [Result(dense), Result(xattention)], "heatmap": {...}, "png": Path}``.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .integrations import hf
-    from .methods import Dense, XAttention
+    from .methods import XAttention
 
     console = console or Console()
     device = next(model.parameters()).device
-    config = text_config(model)
-    num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
-    layer = num_layers // 2 if layer is None else layer
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
-    if not 0 <= head < num_heads:
-        raise ValueError(f"--head {head} is not in [0, {num_heads})")
+    layer = _check_layer_and_head(model, layer, head)
     method = XAttention(threshold=threshold, stride=stride, block_size=block_size, min_seq_len=0)
 
     prompt = build_prompt(tokenizer, length, depth=depth, seed=seed)
     input_ids = prompt.input_ids.to(device)
     seq = input_ids.shape[1]
-    eos = _eos_ids(model, tokenizer)
     console.print(
         f"[bold]Needle in a haystack[/]: {seq} tokens, passkey {prompt.passkey} at depth {depth:.2f}; "
         f"{type(model).__name__} on {device} ({next(model.parameters()).dtype})"
     )
-    n_layers = len(_layer_modules(model))
-    results: list[Result] = []
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            if device.type == "cuda":  # compile the Triton kernels and warm up the allocator outside the timings
-                task = progress.add_task("warm-up", total=2 * n_layers)
-                hf.apply(model, method)
-                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
-                hf.remove(model)
-                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
-
-            # dense: transformers' SDPA path (through the xattention hook with Dense, which calls the same function),
-            # capturing the chosen layer's post-RoPE q/k for the heatmap
-            task = progress.add_task("dense prefill (layers)", total=n_layers)
-            hf.apply(model, Dense())
-            with hf.capturing(model, [layer]) as captured:
-                tokens, prefill = _generate(
-                    model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task
-                )
-            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append(Result("dense", answer, prompt.passkey in answer, 1.0, 1.0, prefill))
-
-            task = progress.add_task(f"XAttention prefill (tau={threshold}, S={stride})", total=n_layers)
-            hf.apply(model, method, record_stats=True, record_mass=True)
-            tokens, prefill = _generate(model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task)
-            stats = [s for s in hf.collected_stats(model) if s["q_len"] > 1 and s["density"] is not None]
-            prefill -= hf.stats_seconds(model)  # leave the attention-mass bookkeeping out of the timing
-            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            results.append(
-                Result(
-                    "XAttention",
-                    answer,
-                    prompt.passkey in answer,
-                    sum(s["density"] for s in stats) / len(stats),
-                    sum(s["mass_kept"] for s in stats) / len(stats),
-                    prefill,
-                )
-            )
-    finally:
-        hf.remove(model)
-
+    results, captured = _dense_and_sparse(model, tokenizer, prompt, input_ids, method, layer, max_new_tokens, console)
     _print_table(
         console,
         results,
@@ -262,6 +212,73 @@ def run_demo(
             "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
         )
     return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+
+
+def _check_layer_and_head(model: Any, layer: int | None, head: int) -> int:
+    """The heatmap's layer (default: the middle one); ``ValueError`` for a layer or head the model does not have."""
+    config = text_config(model)
+    num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    layer = num_layers // 2 if layer is None else layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
+    if not 0 <= head < num_heads:
+        raise ValueError(f"--head {head} is not in [0, {num_heads})")
+    return layer
+
+
+def _dense_and_sparse(
+    model: Any, tokenizer: Any, prompt: Prompt, input_ids: Any, method: Any, layer: int, max_new_tokens: int, console: Any
+) -> tuple[list[Result], dict[int, Any]]:
+    """Answer the prompt densely (capturing ``layer``'s post-RoPE q/k) and with ``method``, with per-layer progress;
+    on CUDA a warm-up of both first. Returns the two results and the captured ``{layer: (q, k)}``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .integrations import hf
+    from .methods import Dense
+
+    eos = _eos_ids(model, tokenizer)
+    n_layers = len(_layer_modules(model))
+    results: list[Result] = []
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            if input_ids.device.type == "cuda":  # compile the Triton kernels and warm up the allocator outside the timings
+                task = progress.add_task("warm-up", total=2 * n_layers)
+                hf.apply(model, method)
+                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
+                hf.remove(model)
+                _generate(model, input_ids, max_new_tokens=1, eos=eos, progress=progress, task=task)
+
+            # dense: transformers' SDPA path (through the xattention hook with Dense, which calls the same function),
+            # capturing the chosen layer's post-RoPE q/k for the heatmap
+            task = progress.add_task("dense prefill (layers)", total=n_layers)
+            hf.apply(model, Dense())
+            with hf.capturing(model, [layer]) as captured:
+                tokens, prefill = _generate(
+                    model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task
+                )
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(Result("dense", answer, prompt.passkey in answer, 1.0, 1.0, prefill))
+
+            task = progress.add_task(f"XAttention prefill (tau={method.threshold}, S={method.stride})", total=n_layers)
+            hf.apply(model, method, record_stats=True, record_mass=True)
+            tokens, prefill = _generate(model, input_ids, max_new_tokens=max_new_tokens, eos=eos, progress=progress, task=task)
+            stats = [s for s in hf.collected_stats(model) if s["q_len"] > 1 and s["density"] is not None]
+            prefill -= hf.stats_seconds(model)  # leave the attention-mass bookkeeping out of the timing
+            answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            results.append(
+                Result(
+                    "XAttention",
+                    answer,
+                    prompt.passkey in answer,
+                    sum(s["density"] for s in stats) / len(stats),
+                    sum(s["mass_kept"] for s in stats) / len(stats),
+                    prefill,
+                )
+            )
+    finally:
+        hf.remove(model)
+    return results, captured
 
 
 def _print_table(console: Any, results: list[Result], title: str) -> None:

@@ -1,6 +1,7 @@
 """``xattention demo``: needle-in-a-haystack on the default model, dense attention against XAttention.
 
-Builds a passkey prompt (RULER's ``niah_single_1`` phrasing over RULER's repetitive "noise" haystack, so no data package is
+Builds a passkey prompt (:func:`xattention.evaluation.prompts.needle_prompt`: RULER's ``niah_single_1`` phrasing over its
+repetitive "noise" haystack, so no data package is
 needed), answers it greedily twice — dense SDPA, then XAttention prefill (``min_seq_len=0`` so it really runs sparse) with
 dense decode — and prints one table row per method: answer, correct?, block density and attention mass kept (mean over
 layers), prefill time. Saves a PNG with, for one layer and head, the kept blocks beside the dense block-attention map.
@@ -14,81 +15,28 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ._common import attention_modules, synchronize, text_config
-from .evaluation.data import NOISE_SENTENCE
+from .evaluation.prompts import (  # the demo's prompt and its text, under the names the demo has always exported
+    NEEDLE_ANSWER_PREFIX as ANSWER_PREFIX,  # noqa: F401
+)
+from .evaluation.prompts import NEEDLE_HAYSTACK as HAYSTACK
+from .evaluation.prompts import NEEDLE_INSTRUCTION as INSTRUCTION  # noqa: F401
+from .evaluation.prompts import NEEDLE_QUESTION as QUESTION  # noqa: F401
+from .evaluation.prompts import NEEDLE_SENTENCE as NEEDLE  # noqa: F401
+from .evaluation.prompts import NeedlePrompt as Prompt
+from .evaluation.prompts import needle_prompt as build_prompt
 
 __all__ = ["HAYSTACK", "Prompt", "add_arguments", "build_prompt", "main", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-# RULER's "noise" haystack (Hsieh et al., 2024): the same five sentences, repeated.
-HAYSTACK = NOISE_SENTENCE + " "
-INSTRUCTION = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards.\n"
-)
-NEEDLE = "One of the special magic numbers is: {passkey}. "
-QUESTION = "\nWhat is the special magic number mentioned in the provided text?"
-ANSWER_PREFIX = " The special magic number mentioned in the provided text is"
 DEFAULT_CPU_LENGTH = 3500
 DEFAULT_GPU_LENGTH = 7800  # SmolLM2 was trained on 8K-token contexts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A needle-in-a-haystack prompt: token ids ``[1, L]``, the passkey and where the needle sits."""
-
-    input_ids: Any
-    passkey: str
-    depth: float
-    text: str
-    needle_token: int  # index of the needle's first token (from tokenising the text before it)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def build_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int = 0) -> Prompt:
-    """A chat-formatted passkey prompt of about ``length`` tokens.
-
-    The haystack is :data:`HAYSTACK` repeated; the needle (a random 7-digit number from ``seed``) is inserted between two
-    repetitions at fraction ``depth`` of the haystack. The user turn goes through the tokenizer's chat template (when it
-    has one) and the assistant turn starts with RULER's answer prefix.
-
-    Returns:
-        :class:`Prompt` with ``input_ids`` int64 ``[1, L]``, ``L`` within one haystack repetition of ``length``.
-    """
-    import torch
-
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    passkey = str(random.Random(seed).randint(1_000_000, 9_999_999))
-
-    def render(repeats: int) -> str:
-        pos = round(repeats * depth)
-        haystack = HAYSTACK * pos + NEEDLE.format(passkey=passkey) + HAYSTACK * (repeats - pos)
-        user = INSTRUCTION + haystack + QUESTION
-        if getattr(tokenizer, "chat_template", None):
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
-        else:
-            chat = user + "\n"
-        return chat + ANSWER_PREFIX
-
-    overhead = len(_encode(tokenizer, render(0)))
-    per_repeat = max(1, len(_encode(tokenizer, HAYSTACK * 8)) / 8)
-    if length < overhead + per_repeat:
-        raise ValueError(f"--length {length} is too short: the prompt needs at least {overhead + int(per_repeat)} tokens")
-    text = render(round((length - overhead) / per_repeat))
-    ids = torch.tensor([_encode(tokenizer, text)], dtype=torch.long)
-    needle_token = len(_encode(tokenizer, text[: text.index(NEEDLE.format(passkey=passkey))]))
-    return Prompt(ids, passkey, depth, text, needle_token)
 
 
 # --------------------------------------------------------------------------------------------------------------------

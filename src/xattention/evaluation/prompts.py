@@ -1,14 +1,31 @@
-"""Prompt sources for calibration: windows of a text, the evaluation harness's task generators, or a built-in passkey
-haystack of seeded filler sentences (no data package needed)."""
+"""Prompts outside the task generators: calibration's sources (windows of a text, the evaluation harness's task
+generators, or a built-in passkey haystack of seeded filler sentences) and the demo's needle-in-a-haystack prompt. None
+needs a data package."""
 
 from __future__ import annotations
 
 import logging
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AUTO_TASKS", "TASK_SEED_OFFSET", "PromptSource", "haystack_prompt", "text_prompts"]
+from .data import NOISE_SENTENCE
+
+__all__ = [
+    "AUTO_TASKS",
+    "NEEDLE_ANSWER_PREFIX",
+    "NEEDLE_HAYSTACK",
+    "NEEDLE_INSTRUCTION",
+    "NEEDLE_QUESTION",
+    "NEEDLE_SENTENCE",
+    "TASK_SEED_OFFSET",
+    "NeedlePrompt",
+    "PromptSource",
+    "haystack_prompt",
+    "needle_prompt",
+    "text_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +168,66 @@ class PromptSource:
                 out.append((task, list(sample.input_ids)))
             return out
         return [("haystack", haystack_prompt(self.tokenizer, length, seed=self.seed + 1000 * i + length)) for i in range(samples)]
+
+
+# The demo's needle-in-a-haystack prompt: RULER's niah_single_1 phrasing over its "noise" haystack (Hsieh et al., 2024),
+# the same five sentences repeated.
+NEEDLE_HAYSTACK = NOISE_SENTENCE + " "
+NEEDLE_INSTRUCTION = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n"
+)
+NEEDLE_SENTENCE = "One of the special magic numbers is: {passkey}. "
+NEEDLE_QUESTION = "\nWhat is the special magic number mentioned in the provided text?"
+NEEDLE_ANSWER_PREFIX = " The special magic number mentioned in the provided text is"
+
+
+def _plain_ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class NeedlePrompt:
+    """A needle-in-a-haystack prompt: token ids ``[1, L]``, the passkey and where the needle sits."""
+
+    input_ids: Any
+    passkey: str
+    depth: float
+    text: str
+    needle_token: int  # index of the needle's first token (from tokenising the text before it)
+
+
+def needle_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int = 0) -> NeedlePrompt:
+    """A chat-formatted passkey prompt of about ``length`` tokens.
+
+    The haystack is :data:`NEEDLE_HAYSTACK` repeated; the needle (a random 7-digit number from ``seed``) is inserted
+    between two repetitions at fraction ``depth`` of the haystack. The user turn goes through the tokenizer's chat
+    template (when it has one) and the assistant turn starts with RULER's answer prefix.
+
+    Returns:
+        :class:`NeedlePrompt` with ``input_ids`` int64 ``[1, L]``, ``L`` within one haystack repetition of ``length``.
+    """
+    import torch
+
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must lie in [0, 1], got {depth}")
+    passkey = str(random.Random(seed).randint(1_000_000, 9_999_999))
+
+    def render(repeats: int) -> str:
+        pos = round(repeats * depth)
+        haystack = NEEDLE_HAYSTACK * pos + NEEDLE_SENTENCE.format(passkey=passkey) + NEEDLE_HAYSTACK * (repeats - pos)
+        user = NEEDLE_INSTRUCTION + haystack + NEEDLE_QUESTION
+        if getattr(tokenizer, "chat_template", None):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+        else:
+            chat = user + "\n"
+        return chat + NEEDLE_ANSWER_PREFIX
+
+    overhead = len(_plain_ids(tokenizer, render(0)))
+    per_repeat = max(1, len(_plain_ids(tokenizer, NEEDLE_HAYSTACK * 8)) / 8)
+    if length < overhead + per_repeat:
+        raise ValueError(f"--length {length} is too short: the prompt needs at least {overhead + int(per_repeat)} tokens")
+    text = render(round((length - overhead) / per_repeat))
+    ids = torch.tensor([_plain_ids(tokenizer, text)], dtype=torch.long)
+    needle_token = len(_plain_ids(tokenizer, text[: text.index(NEEDLE_SENTENCE.format(passkey=passkey))]))
+    return NeedlePrompt(ids, passkey, depth, text, needle_token)

@@ -1,10 +1,10 @@
 """``xattention demo``: needle-in-a-haystack on the default model, dense attention against XAttention.
 
 Builds a passkey prompt (:func:`xattention.evaluation.prompts.needle_prompt`: RULER's ``niah_single_1`` phrasing over its
-repetitive "noise" haystack, so no data package is
-needed), answers it greedily twice — dense SDPA, then XAttention prefill (``min_seq_len=0`` so it really runs sparse) with
-dense decode — and prints one table row per method: answer, correct?, block density and attention mass kept (mean over
-layers), prefill time. Saves a PNG with, for one layer and head, the kept blocks beside the dense block-attention map.
+repetitive "noise" haystack, so no data package is needed), answers it greedily twice — dense SDPA, then XAttention
+prefill (``min_seq_len=0`` so it really runs sparse) with dense decode — and prints one table row per method: answer,
+correct?, block density and attention mass kept (mean over layers), prefill time. Saves a PNG with, for one layer and
+head, the kept blocks beside the dense block-attention map.
 
 On CPU the sparse path runs the plain-PyTorch reference, so its prefill is not faster than dense SDPA there; the speed-up
 needs the Triton kernels on a GPU. Density and attention mass kept are the same on both.

@@ -65,29 +65,15 @@ def _top_up(mask: Tensor, scores: Tensor, visible: Tensor, min_blocks: int) -> T
 class FlexPrefill(Method):
     """FlexPrefill: per head, a Jensen-Shannon test picks a query-aware block pattern or a vertical-slash pattern, each
     sized by cumulative attention (arXiv:2502.20766, Sec. 3, "Query-Aware Sparse Pattern Determination" and
-    "Cumulative-Attention Based Index Selection", and the algorithms there).
+    "Cumulative-Attention Based Index Selection").
 
-    Per (batch, head), with ``Q̂`` the last ``b`` queries (the last query block) and ``b`` the block size:
-
-    1. Pattern test. Estimated distribution ``â = softmax(avgpool(Q̂) · avgpool(K)ᵀ · scale)`` over key blocks (one
-       pooled query, every key block; a partial last key block is averaged over its real keys). True distribution
-       ``ā``: the exact softmax of ``Q̂`` against all keys (causal, float32), summed inside each key block and averaged
-       over the queries of ``Q̂``. ``d = sqrt(JSD(â, ā))`` (natural log). ``d < tau`` -> query-aware head, else
-       vertical-slash head. :meth:`head_patterns` exposes the decision, :meth:`pattern_divergence` the values.
-    2. Query-aware head. Pooled block attention ``softmax(avgpool(Q)_r · avgpool(K)_cᵀ · scale)`` for every query block
-       ``r``, causal at block level (columns up to the row's diagonal block). As in the paper's query-aware index search
-       (and its code), the blocks are chosen over the head's whole normalised block matrix, not per row: the fewest
-       blocks, in descending score, whose scores reach ``gamma x`` the total (``Qb``, one per row).
-    3. Vertical-slash head. The vertical (per key column) and slash (per offset) sums of ``Q̂``'s exact attention; the
-       fewest columns holding ``gamma`` of the vertical mass and the fewest slash lines holding ``gamma`` of the slash
-       mass; then their block-granular cover (see :class:`~xattention.methods.vertical_slash.VerticalSlash`: a block is
-       kept if it contains a kept column or a kept slash passes through it). The paper's kernel works on blocks too; its
-       code approximates each slash by a whole block diagonal, the cover here is exact.
-    4. Every head keeps the sink and diagonal blocks (counted first in the query-aware mass, as everywhere in this
-       library), and every row then keeps at least ``min(min_budget, visible)`` blocks: rows below the budget add
-       their highest-scoring remaining blocks (pooled score for query-aware heads; for vertical-slash heads the
-       estimated mass of the lines through the block). The paper's code states ``min_budget`` in tokens (its default
-       512, i.e. 4 blocks of 128) and applies it to the line counts; here it is blocks per row.
+    Per head: ``sqrt(JSD)`` between the last query block's pooled estimate and its true block distribution
+    (:meth:`pattern_divergence`) below ``tau`` makes it query-aware (:meth:`head_patterns`): the fewest blocks of its
+    pooled block attention (:meth:`pooled_block_attention`) over the whole head whose scores reach ``gamma`` of the
+    total; otherwise the fewest vertical and slash lines of the last block's exact attention holding ``gamma`` of each
+    mass, as a block cover (:class:`~xattention.methods.vertical_slash.VerticalSlash`). Every row keeps the sink and
+    diagonal blocks and at least ``min(min_budget, visible)`` blocks. ``docs/methods.md`` gives the steps and where
+    they differ from the paper and its code.
 
     Attributes:
         gamma: cumulative attention threshold ``γ`` in ``(0, 1]`` (default 0.9, the paper's).

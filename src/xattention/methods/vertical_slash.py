@@ -160,28 +160,12 @@ def _check_size(name: str, size: object) -> None:
 class VerticalSlash(Method):
     """MInference's vertical-slash pattern (arXiv:2407.02490, Sec. 3, vertical-slash head), as a block-granular cover.
 
-    Estimation: exact float32 softmax attention of the last ``last_q`` queries against all keys (causal), summed per key
-    column (vertical scores) and per diagonal offset ``o = query position - key position`` (slash scores). Selection:
-
-    * budget mode (default, ``threshold=None``): the ``vertical_size`` highest columns and ``slash_size`` highest
-      slash lines. A size is an int count or a float fraction of ``Lk`` (``0.01`` keeps 1% of the columns); ``0``
-      disables that part. The defaults 1000 / 6096 are MInference's vertical-slash defaults.
-    * mass mode (``threshold=τ``): the fewest columns holding ``τ`` of the vertical mass and, separately, the fewest
-      slash lines holding ``τ`` of the slash mass (the cumulative rule FlexPrefill uses for its vertical-slash heads);
-      the sizes are then ignored.
-
-    Lines with zero estimated mass are never kept. Block cover: block ``(r, c)`` is kept when it contains a kept column
-    or a kept slash passes through it (some query of row ``r`` and key of column ``c`` lie on it), plus, as in every
-    method here, the sink block and the diagonal block(s); nothing above the causal diagonal.
-
-    Cost of the cover: MInference's kernel computes exactly the kept columns and slashes at token level; a block kernel
-    must compute every block they touch. A scattered column costs a whole block column, a slash about two blocks per
-    row, so at the same budget the cover's density can be many times the token-level density (up to dense when the
-    budget spreads over every block); the attention mass kept is at least the token-level one. Exact token-level
-    slashes would need a token-granular kernel; the comparisons therefore quote density of the cover.
-
-    Differences from MInference: it always keeps the first 30 columns and the 100 nearest slashes; here the forced sink
-    and diagonal blocks play that role (they hold the first ``b`` columns and offsets ``0 … b-1`` of every row).
+    The exact attention of the last ``last_q`` queries, summed per key column (vertical) and per diagonal offset
+    (slash), picks lines: the ``vertical_size`` / ``slash_size`` highest (budget mode, ``threshold=None``; a size is an
+    int count or a float fraction of ``Lk``, ``0`` disables that part) or the fewest holding ``threshold`` of each mass
+    (mass mode). A block is kept when it contains a kept column or a kept slash passes through it, plus the sink and
+    diagonal blocks; lines with zero mass never count. ``docs/methods.md`` explains the cover, its cost against
+    MInference's token-level kernel, and the differences from MInference.
 
     Attributes:
         last_q: queries used for the estimate (default 64, as MInference).

@@ -28,7 +28,6 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -357,7 +356,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m xattention.benchmarks.context_parallel", description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_script
+
+    run_script(__doc__, add_arguments, main, prog="python -m xattention.benchmarks.context_parallel")

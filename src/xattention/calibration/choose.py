@@ -126,31 +126,17 @@ def _indices_budget(density: Tensor, mass: Tensor, cands: list[float], budget: f
     return idx
 
 
-def choose_indices(
-    density: Tensor,
-    mass: Tensor,
-    candidates: Sequence[float],
-    *,
-    min_mass: float | None = None,
-    density_budget: float | None = None,
-) -> Tensor:
-    """Like :func:`choose_thresholds` but returns candidate indices, long ``[L, Hq]``."""
+def choose_indices(density: Tensor, mass: Tensor, candidates: Sequence[float], kind: str, value: float) -> Tensor:
+    """:func:`choose_thresholds` as candidate indices, long ``[L, Hq]``, for the target ``kind`` ``"mass"``
+    (``min_mass=value``) or ``"density"`` (``density_budget=value``)."""
     cands = _check_tables(density, mass, candidates)
-    if (min_mass is None) == (density_budget is None):
-        raise ValueError("give exactly one of min_mass and density_budget")
     shape = density.shape[:2]
     d = density.detach().to("cpu", torch.float64).reshape(-1, len(cands))
     m = mass.detach().to("cpu", torch.float64).reshape(-1, len(cands))
-    if min_mass is not None:
-        if not 0.0 < float(min_mass) <= 1.0:
-            raise ValueError(f"min_mass must lie in (0, 1], got {min_mass}")
-        idx = _indices_min_mass(d, m, cands, float(min_mass))
-    else:
-        assert density_budget is not None
-        if not 0.0 < float(density_budget) <= 1.0:
-            raise ValueError(f"density_budget must lie in (0, 1], got {density_budget}")
-        idx = _indices_budget(d, m, cands, float(density_budget))
-    return idx.view(shape)
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{'min_mass' if kind == 'mass' else 'density_budget'} must lie in (0, 1], got {value}")
+    pick = _indices_min_mass if kind == "mass" else _indices_budget
+    return pick(d, m, cands, float(value)).view(shape)
 
 
 def choose_thresholds(
@@ -183,6 +169,10 @@ def choose_thresholds(
         float64 ``[L, Hq]`` thresholds, each exactly one of ``candidates`` (float64 because selection compares
         float64 running sums with ``tau x total``: a float32 ``0.9`` would move the cut-off).
     """
-    idx = choose_indices(density, mass, candidates, min_mass=min_mass, density_budget=density_budget)
+    _check_tables(density, mass, candidates)
+    if (min_mass is None) == (density_budget is None):
+        raise ValueError("give exactly one of min_mass and density_budget")
+    kind, value = ("mass", min_mass) if min_mass is not None else ("density", density_budget)
+    idx = choose_indices(density, mass, candidates, kind, float(value))  # type: ignore[arg-type]
     cands = torch.tensor([float(c) for c in candidates], dtype=torch.float64)
     return cands[idx]

@@ -118,8 +118,7 @@ def calibrate(
     per_length, layers, used = _collect_tables(model, capture, source, lens, samples, sizes, statistics, progress)
     density = sum(d for d, _ in per_length.values()) / len(per_length)
     mass = sum(m for _, m in per_length.values()) / len(per_length)
-    target_kw = {"min_mass": value} if kind == "mass" else {"density_budget": value}
-    idx = choose_indices(density, mass, cands, **target_kw)
+    idx = choose_indices(density, mass, cands, kind, value)
     thresholds = torch.ones(*sizes, dtype=torch.float64)
     thresholds[layers] = torch.tensor(cands, dtype=torch.float64)[idx]
     run = {"target": {kind: value}, "lengths": lens, "samples": samples, "stride": stride, "block_size": block_size,

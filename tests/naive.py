@@ -1,10 +1,11 @@
-"""Loop-based, obviously-correct implementations of DESIGN.md's XAttention semantics. Used only by tests.
+"""Loop-based, obviously-correct implementations of XAttention's semantics (README.md, "Semantics"; stated in full in
+``xattention.kernels.reference.antidiagonal_block_scores`` and ``select_blocks``). Used only by tests.
 
 Everything here is written for clarity, not speed: explicit Python loops over batch, head, row and column in float64,
 so the library's vectorised reference (reshape trick, sorting, cumsums, chunking) is checked against a second,
 independent reading of the rules. Keep inputs tiny (L up to a few hundred).
 
-Conventions (DESIGN.md, "XAttention semantics" / "BlockMask indexing"): queries are aligned to the end of the keys
+Conventions (:mod:`xattention.block_mask`, "Indexing"): queries are aligned to the end of the keys
 (query ``i`` sits at key position ``Lk - Lq + i``); query head ``h`` reads key/value head ``h // (Hq // Hkv)``.
 """
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from naive import naive_token_mask, visible_columns
 from xattention import BlockMask
-from xattention.block_mask import causal_block_bounds
+from xattention.block_mask import block_indices, causal_block_bounds, forced_blocks, visible_blocks
 
 # (q_len, k_len, block_size): square, chunked prefill with offsets that are / are not multiples of the block, ragged ends
 GEOMETRIES = [(64, 64, 16), (50, 50, 16), (1, 1, 16), (1, 100, 16), (40, 100, 16), (48, 112, 16), (17, 300, 32), (300, 300, 32)]
@@ -160,3 +163,36 @@ def test_meta_mask_density_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="meta"):
         mask.density()
     assert "density=meta" in repr(mask)
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "block"), GEOMETRIES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_geometry_of_any_rows_is_the_full_geometrys_rows(q_len: int, k_len: int, block: int, causal: bool) -> None:
+    """``rows=`` picks rows out of the full geometry (a rank's query blocks in context-parallel selection)."""
+    full_vis, full_forced = visible_blocks(q_len, k_len, block, causal=causal), forced_blocks(q_len, k_len, block)
+    assert full_vis.shape == full_forced.shape == (-(-q_len // block), -(-k_len // block))
+    rows = torch.tensor([r for r in range(full_vis.shape[0]) if r % 2 == 0][::-1])  # any order, any subset
+    assert torch.equal(visible_blocks(q_len, k_len, block, rows=rows, causal=causal), full_vis[rows])
+    assert torch.equal(forced_blocks(q_len, k_len, block, rows=rows), full_forced[rows])
+    lo, hi = causal_block_bounds(q_len, k_len, block)
+    for r in range(full_forced.shape[0]):  # the sink and the diagonal blocks, nothing else
+        want = {0, *range(int(lo[r]), int(hi[r]) + 1)}
+        assert set(torch.nonzero(full_forced[r]).flatten().tolist()) == want
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 4, 33)])
+def test_block_indices_lists_kept_columns_ascending(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    mask = torch.rand(shape) < 0.4
+    indices, counts = block_indices(mask)
+    assert indices.dtype == counts.dtype == torch.int32 and indices.shape == mask.shape
+    kb = shape[-1]
+    for row, cnt, kept in zip(indices.view(-1, kb).tolist(), counts.flatten().tolist(), mask.view(-1, kb), strict=True):
+        cols = torch.nonzero(kept).flatten().tolist()
+        assert cnt == len(cols) and row == cols + [kb] * (kb - len(cols))
+
+
+def test_flex_backend_imports_without_triton() -> None:
+    """FlexAttention is torch's: its launcher must not need the Triton kernels module (triton hidden here)."""
+    code = "import sys; sys.modules['triton'] = None; import xattention.kernels.flex"
+    subprocess.run([sys.executable, "-c", code], check=True)

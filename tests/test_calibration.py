@@ -359,11 +359,6 @@ def hook_capture_qk(model, input_ids, attention_mask=None, layers=None):
 TEXT = " ".join(f"Sentence {i} talks about item {i * 7 % 13} and colour {['red', 'blue', 'green'][i % 3]}." for i in range(40))
 
 
-@pytest.fixture
-def use_hook_capture(monkeypatch):
-    monkeypatch.setattr(cal, "_capture_fn", lambda: hook_capture_qk)
-
-
 def _independent_tables(model, lengths, cands):
     """Per-length fp64 statistics of the text prompts calibrate() builds (BOS + first L-1 characters), averaged."""
     tok = CharTokenizer()
@@ -377,12 +372,12 @@ def _independent_tables(model, lengths, cands):
     return sum(ds) / len(ds), sum(ms) / len(ms)
 
 
-def test_calibrate_end_to_end_min_mass(use_hook_capture) -> None:
+def test_calibrate_end_to_end_min_mass() -> None:
     model = tiny_llama()
     cands = [0.5, 0.7, 0.8, 0.9, 0.95, 1.0]
     thr, report = calibrate(
         model, CharTokenizer(), lengths=[96, 160], target="mass=0.9", stride=4, block_size=32, candidates=cands,
-        samples=1, text=TEXT, progress=False,
+        samples=1, text=TEXT, progress=False, capture=hook_capture_qk,
     )  # fmt: skip
     assert thr.shape == (2, 4) and thr.dtype == torch.float64
     d, m = _independent_tables(model, [96, 160], cands)
@@ -410,27 +405,28 @@ def test_calibrate_end_to_end_min_mass(use_hook_capture) -> None:
     json.dumps(report)  # the report is what goes into the file's metadata
 
 
-def test_calibrate_end_to_end_density_budget_haystack(use_hook_capture) -> None:
+def test_calibrate_end_to_end_density_budget_haystack() -> None:
     model = tiny_llama()
     cands = [0.5, 0.8, 0.9, 0.95, 1.0]
     thr, report = calibrate(
         model, CharTokenizer(), lengths=[256], target={"density": 0.7}, stride=4, block_size=32, candidates=cands,
-        samples=2, tasks="haystack", progress=False,
+        samples=2, tasks="haystack", progress=False, capture=hook_capture_qk,
     )  # fmt: skip
     density = torch.tensor(report["tables"]["density"], dtype=torch.float64)
     assert pick(density, thr, cands).mean().item() <= 0.7 + 1e-4  # tables are rounded to 5 decimals
     assert report["calibrated"]["density"] <= 0.7 + 1e-9
 
 
-def test_calibrate_layers_without_full_attention_get_one(monkeypatch) -> None:
+def test_calibrate_layers_without_full_attention_get_one() -> None:
     """Layers capture_qk leaves out (sliding-window layers) are dense: threshold 1.0, listed in the report."""
-    monkeypatch.setattr(
-        cal, "_capture_fn", lambda: lambda model, ids, attention_mask=None: hook_capture_qk(model, ids, layers={1})
-    )
+
+    def capture(model, ids, attention_mask=None):
+        return hook_capture_qk(model, ids, layers={1})
+
     model = tiny_llama(num_layers=3)
     thr, report = calibrate(
         model, CharTokenizer(), lengths="96", target="mass=0.95", stride=4, block_size=32, candidates=[0.5, 0.9, 1.0],
-        samples=1, text=TEXT, progress=False,
+        samples=1, text=TEXT, progress=False, capture=capture,
     )  # fmt: skip
     assert thr.shape == (3, 4)
     assert torch.all(thr[0] == 1.0) and torch.all(thr[2] == 1.0)
@@ -438,34 +434,36 @@ def test_calibrate_layers_without_full_attention_get_one(monkeypatch) -> None:
 
 
 @pytest.mark.skipif(not HAVE_HF, reason="xattention.integrations.hf (capture_qk) is not written yet")
-def test_calibrate_with_library_capture_matches_hook_capture(monkeypatch) -> None:
+def test_calibrate_with_library_capture_matches_hook_capture() -> None:
     model = tiny_llama()
     kwargs = dict(lengths=[96], target="mass=0.9", stride=4, block_size=32, candidates=[0.5, 0.9, 1.0], samples=1, text=TEXT)
-    thr_lib, rep_lib = calibrate(model, CharTokenizer(), progress=False, **kwargs)
-    monkeypatch.setattr(cal, "_capture_fn", lambda: hook_capture_qk)
-    thr_hook, rep_hook = calibrate(model, CharTokenizer(), progress=False, **kwargs)
+    thr_lib, rep_lib = calibrate(model, CharTokenizer(), progress=False, **kwargs)  # the default: hf.capture_qk
+    thr_hook, rep_hook = calibrate(model, CharTokenizer(), progress=False, capture=hook_capture_qk, **kwargs)
     torch.testing.assert_close(thr_lib, thr_hook)
     torch.testing.assert_close(
         torch.tensor(rep_lib["tables"]["mass"]), torch.tensor(rep_hook["tables"]["mass"]), atol=1e-4, rtol=0
     )
 
 
-def test_calibrate_bad_arguments(use_hook_capture) -> None:
+def test_calibrate_bad_arguments() -> None:
     model = tiny_llama()
     with pytest.raises(ValueError, match=r"mass=0\.9"):
-        calibrate(model, CharTokenizer(), lengths=[96], target="0.9", progress=False)
+        calibrate(model, CharTokenizer(), lengths=[96], target="0.9", progress=False, capture=hook_capture_qk)
     with pytest.raises(ValueError, match="kind"):
-        calibrate(model, CharTokenizer(), lengths=[96], target="recall=0.9", progress=False)
+        calibrate(model, CharTokenizer(), lengths=[96], target="recall=0.9", progress=False, capture=hook_capture_qk)
     with pytest.raises(ValueError, match="fewer than"):
-        calibrate(model, CharTokenizer(), lengths=[4096], target="mass=0.9", text="short text", progress=False)
+        calibrate(
+            model, CharTokenizer(), lengths=[4096], target="mass=0.9", text="short text", progress=False,
+            capture=hook_capture_qk,
+        )  # fmt: skip
 
 
 @pytest.mark.skipif(not HAVE_TASKS, reason="xattention.evaluation.tasks (the prompt generators) is not written yet")
-def test_calibrate_on_evaluation_tasks(use_hook_capture) -> None:
+def test_calibrate_on_evaluation_tasks() -> None:
     model = tiny_llama()
     thr, report = calibrate(
         model, CharTokenizer(), lengths=[600], target="mass=0.9", stride=4, block_size=32, candidates=[0.5, 0.9, 1.0],
-        samples=2, tasks="passkey,niah_single_1", progress=False,
+        samples=2, tasks="passkey,niah_single_1", progress=False, capture=hook_capture_qk,
     )  # fmt: skip
     used = report["prompts"]["600"]
     assert [p["source"] for p in used] == ["passkey", "niah_single_1"]
@@ -491,13 +489,13 @@ def test_prompts_have_the_requested_length() -> None:
 
 
 @pytest.mark.skipif(not HAVE_THRESHOLDS, reason="xattention.thresholds (save/load_thresholds) is not written yet")
-def test_thresholds_file_round_trip_and_shape_mismatch(tmp_path, use_hook_capture) -> None:
+def test_thresholds_file_round_trip_and_shape_mismatch(tmp_path) -> None:
     from xattention.thresholds import load_thresholds, save_thresholds
 
     model = tiny_llama()
     thr, report = calibrate(
         model, CharTokenizer(), lengths=[96], target="mass=0.9", stride=4, block_size=32, candidates=[0.5, 0.8, 1.0],
-        samples=1, text=TEXT, progress=False,
+        samples=1, text=TEXT, progress=False, capture=hook_capture_qk,
     )  # fmt: skip
     path = tmp_path / "thresholds.json"
     save_thresholds(path, thr, model_name="tiny-llama", metadata=report)
@@ -512,7 +510,7 @@ def test_thresholds_file_round_trip_and_shape_mismatch(tmp_path, use_hook_captur
 
 
 @pytest.mark.skipif(not (HAVE_THRESHOLDS and HAVE_HF), reason="xattention.thresholds / integrations.hf are not written yet")
-def test_applied_thresholds_file_reproduces_calibrated_density(tmp_path, use_hook_capture) -> None:
+def test_applied_thresholds_file_reproduces_calibrated_density(tmp_path) -> None:
     """The file, applied with xattention.apply(..., thresholds=path), gives the first layer (whose input the sparse
     attention cannot change) the density and mass calibration reported for the same prompt."""
     from xattention.integrations.hf import apply, collected_stats, remove
@@ -521,7 +519,7 @@ def test_applied_thresholds_file_reproduces_calibrated_density(tmp_path, use_hoo
     model = tiny_llama()
     thr, report = calibrate(
         model, CharTokenizer(), lengths=[256], target="mass=0.9", stride=4, block_size=32, candidates=[0.5, 0.8, 0.9, 1.0],
-        samples=1, text=TEXT, progress=False,
+        samples=1, text=TEXT, progress=False, capture=hook_capture_qk,
     )  # fmt: skip
     path = tmp_path / "thr.json"
     save_thresholds(path, thr, model_name="tiny", metadata=report)
@@ -545,8 +543,9 @@ def test_per_head_thresholds_of_another_shape_fail_clearly() -> None:
         method.estimate(torch.randn(1, 8, 32, 8), torch.randn(1, 8, 32, 8))
 
 
-def test_cli_writes_a_thresholds_file(tmp_path, monkeypatch, use_hook_capture) -> None:
-    """`xattention calibrate ...` with the model loader (and, until it exists, the file writer) replaced by fakes."""
+def test_cli_writes_a_thresholds_file(tmp_path, monkeypatch) -> None:
+    """`xattention calibrate ...` with the model loader (and, until it exists, the file writer) replaced by fakes; q/k
+    come from the library's own capture, as on the command line."""
     from xattention import cli
 
     model = tiny_llama()

@@ -31,6 +31,7 @@ import xattention as xa
 from xattention.distributed import (
     RingStats,
     SequenceLayout,
+    ShardBlockMask,
     ring_estimate,
     ring_sparse_attention,
     shard_sequence,
@@ -114,6 +115,27 @@ def test_block_sparse_attention_lse_matches_explicit_logsumexp(causal: bool) -> 
     torch.testing.assert_close(lse, expected_lse)
     torch.testing.assert_close(out, ref.block_sparse_attention(q, k, v, mask, block_size=b, causal=causal))
     assert bool((lse[0, 0, :b] == float("-inf")).all()) and bool((out[0, 0, :b] == 0).all())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_shard_block_mask_is_its_rows_of_the_full_mask(layout: str, causal: bool) -> None:
+    """A ShardBlockMask of some ranks' rows: visibility, density, token mask and index lists are the full mask's rows."""
+    length, b, world = 203, 16, 3
+    full = xa.BlockMask(torch.rand(2, 3, -(-length // b), -(-length // b)) < 0.5, b, length, length, causal)
+    lay = SequenceLayout(length, world, b, layout)  # type: ignore[arg-type]
+    for rank in range(world):
+        rows = lay.blocks(rank)
+        shard = ShardBlockMask(full.mask[:, :, rows], b, lay.local_len(rank), length, causal, rows=rows)
+        assert torch.equal(shard.visible(), full.visible()[rows])
+        vis = full.visible()[rows]
+        want = ((full.mask[:, :, rows] & vis).sum(dim=(-1, -2)).double() / vis.sum()).float()
+        torch.testing.assert_close(shard.density_per_head(), want)
+        assert torch.equal(shard.to_token_mask(), full.to_token_mask()[:, :, lay.positions(rank)])
+        assert torch.equal(shard.to_indices()[1], full.to_indices()[1][:, :, rows])
+        assert torch.equal(shard.to("cpu").rows, rows) and "rows=" in repr(shard)
+    with pytest.raises(ValueError, match="rows"):
+        ShardBlockMask(full.mask[:, :, :2], b, 2 * b, length, causal, rows=torch.tensor([0]))
 
 
 def test_ring_needs_an_initialised_process_group() -> None:
@@ -276,6 +298,30 @@ def case_ring_estimate_direct(ctx: Ctx) -> None:
     got = ring_estimate(*shards, method, ctx.group, layout="zigzag")
     assert torch.equal(got.mask, expected.mask[:, :, lay.blocks(ctx.rank)])
     assert (got.q_len, got.k_len) == (lay.local_len(ctx.rank), 170)
+
+
+def _rows_density(full: xa.BlockMask, rows: torch.Tensor) -> torch.Tensor:
+    """[B, Hq]: kept visible blocks over visible blocks of the full mask's ``rows``."""
+    vis = full.visible()[rows]
+    return ((full.mask[:, :, rows] & vis).sum(dim=(-1, -2)).double() / vis.sum()).float()
+
+
+def case_mask_density_is_the_rows_own(ctx: Ctx) -> None:
+    """Each rank's mask reports the density of its own rows of the full mask (it used to treat them as the sequence's
+    last rows, wrong on every rank but the last of a contiguous layout)."""
+    method = xa.XAttention(block_size=16, stride=4, threshold=0.8, min_seq_len=0)
+    q, k, v = _inputs(1, 2, 1, 170, 8)
+    full = method.estimate(q, k, backend="reference")
+    for layout in ("contiguous", "zigzag"):
+        rows = SequenceLayout(170, ctx.world, 16, layout).blocks(ctx.rank)  # type: ignore[arg-type]
+        shards = [shard_sequence(x, ctx.rank, ctx.world, layout, block_size=16) for x in (q, k, v)]  # type: ignore[arg-type]
+        got = ring_estimate(shards[0], shards[1], method, ctx.group, layout=layout)
+        _, from_attention = ring_sparse_attention(*shards, method, group=ctx.group, layout=layout, return_mask=True)
+        for mask in (got, from_attention):
+            torch.testing.assert_close(mask.density_per_head(), _rows_density(full, rows))
+            assert torch.equal(mask.visible(), full.visible()[rows])
+            positions = SequenceLayout(170, ctx.world, 16, layout).positions(ctx.rank)  # type: ignore[arg-type]
+            assert torch.equal(mask.to_token_mask(), full.to_token_mask()[:, :, positions])
 
 
 def case_generic_methods_all_gather(ctx: Ctx) -> None:

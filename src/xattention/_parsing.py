@@ -1,4 +1,4 @@
-"""Command-line value parsing shared by every subcommand (one grammar for lengths and devices everywhere)."""
+"""Command-line value parsing shared by every subcommand (one grammar for lengths, devices and dtypes everywhere)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["parse_device", "parse_lengths"]
+__all__ = ["parse_device", "parse_dtype", "parse_lengths", "torch_dtype"]
 
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)([km]?)$")
 
@@ -58,3 +58,28 @@ def parse_device(text: str | None) -> Any:
         if available is None or not available():
             raise ValueError(f"device {text!r}: this torch cannot run on {device.type}; use cpu")
     return device
+
+
+def parse_dtype(text: str, *, option: str | None = None) -> Any:
+    """A torch dtype by its name in ``torch`` (``"float32"``, ``"bfloat16"``, ``"half"``, ...). ``ValueError``
+    otherwise, naming the command-line ``option`` (e.g. ``"--dtype"``) when given."""
+    import torch
+
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype):
+        if option is not None:
+            raise ValueError(f"{option} {text!r} is not a torch dtype; use e.g. float32 or bfloat16")
+        raise ValueError(f"unknown dtype {text!r}; use e.g. 'float32' or 'bfloat16'")
+    return dtype
+
+
+def torch_dtype(name: str) -> Any:
+    """The short grammar of ``xattention eval`` and ``check``: ``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"float16"`` /
+    ``"fp32"`` / ``"float32"`` (any case) -> the torch dtype; ``ValueError`` naming the accepted spellings otherwise."""
+    import torch
+
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if name.lower() not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(dtypes)}")
+    return dtypes[name.lower()]

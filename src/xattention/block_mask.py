@@ -10,12 +10,13 @@ Indexing (the contract every method and kernel shares):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockMask", "causal_block_bounds", "full_block_limit"]
+__all__ = ["BlockMask", "block_indices", "causal_block_bounds", "forced_blocks", "full_block_limit", "visible_blocks"]
 
 
 def causal_block_bounds(
@@ -32,6 +33,60 @@ def causal_block_bounds(
     first = torch.arange(num_q_blocks, device=device) * block_size
     last = torch.clamp(first + block_size - 1, max=q_len - 1)
     return (offset + first) // block_size, (offset + last) // block_size
+
+
+def _rows_bounds(
+    q_len: int, k_len: int, block_size: int, rows: Tensor | None, device: torch.device | str | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lo, hi)`` of :func:`causal_block_bounds` for ``rows`` (default: every row) and the column indices ``[1, Kb]``."""
+    lo, hi = causal_block_bounds(q_len, k_len, block_size, device)
+    if rows is not None:
+        rows = rows.to(lo.device)
+        lo, hi = lo[rows], hi[rows]
+    return lo, hi, torch.arange(-(-k_len // block_size), device=device)[None, :]
+
+
+def visible_blocks(
+    q_len: int,
+    k_len: int,
+    block_size: int,
+    device: torch.device | str | None = None,
+    *,
+    rows: Tensor | None = None,
+    causal: bool = True,
+) -> Tensor:
+    """bool ``[R, Kb]``: the key blocks holding at least one (query, key) pair a row may see, for query-block ``rows``
+    (int ``[R]``, default every row ``0 … Qb-1``): under causal masking the blocks up to the row's last diagonal block
+    (``hi`` of :func:`causal_block_bounds`), else every block.
+
+    The one causal-visibility rule of every method, the selection and :class:`BlockMask`'s density.
+    """
+    _, hi, cols = _rows_bounds(q_len, k_len, block_size, rows, device)
+    if not causal:
+        return torch.ones(hi.numel(), cols.shape[1], dtype=torch.bool, device=device)
+    return cols <= hi[:, None]
+
+
+def forced_blocks(
+    q_len: int, k_len: int, block_size: int, device: torch.device | str | None = None, *, rows: Tensor | None = None
+) -> Tensor:
+    """bool ``[R, Kb]``: blocks every row keeps regardless of score — the sink (column 0) and the diagonal blocks
+    (those holding the row's own query positions; two when ``k_len - q_len`` is not a multiple of ``block_size``), for
+    query-block ``rows`` (default every row)."""
+    lo, hi, cols = _rows_bounds(q_len, k_len, block_size, rows, device)
+    return (cols == 0) | ((cols >= lo[:, None]) & (cols <= hi[:, None]))
+
+
+def block_indices(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """bool ``[..., Kb]`` -> ``(indices, counts)``: int32 ``[..., Kb]`` with each row's kept columns in ascending order
+    followed by padding ``Kb``, and int32 ``[...]`` with the number kept. Plain PyTorch (no sort): each kept column is
+    scattered to its rank among the row's kept columns; the rest go to a spare slot that is cut off."""
+    kb = mask.shape[-1]
+    cols = torch.arange(kb, device=mask.device, dtype=torch.int32).expand_as(mask)
+    slots = torch.where(mask, mask.cumsum(dim=-1) - 1, kb)
+    indices = torch.full((*mask.shape[:-1], kb + 1), kb, dtype=torch.int32, device=mask.device)
+    indices.scatter_(-1, slots, torch.where(mask, cols, kb))
+    return indices[..., :kb].contiguous(), mask.sum(dim=-1, dtype=torch.int32).contiguous()
 
 
 def full_block_limit(
@@ -107,11 +162,7 @@ class BlockMask:
 
     def visible(self) -> Tensor:
         """bool ``[Qb, Kb]``: blocks holding at least one causally visible (query, key) pair (all blocks if not causal)."""
-        qb, kb = self.num_q_blocks, self.num_k_blocks
-        if not self.causal:
-            return torch.ones(qb, kb, dtype=torch.bool, device=self.mask.device)
-        _, hi = causal_block_bounds(self.q_len, self.k_len, self.block_size, self.mask.device)
-        return torch.arange(kb, device=self.mask.device)[None, :] <= hi[:, None]
+        return visible_blocks(self.q_len, self.k_len, self.block_size, self.mask.device, causal=self.causal)
 
     def density_per_head(self) -> Tensor:
         """float ``[B, Hq]``: kept visible blocks over visible blocks."""
@@ -142,13 +193,7 @@ class BlockMask:
         followed by padding (``Kb``), and int32 ``[B, Hq, Qb]`` with the number of kept columns per row. Blocks above the
         causal diagonal are dropped (they hold no visible pair).
         """
-        kept = self.mask & self.visible()
-        kb = self.num_k_blocks
-        cols = torch.arange(kb, device=kept.device, dtype=torch.int32).expand_as(kept)
-        keyed = torch.where(kept, cols, torch.full_like(cols, kb))
-        indices = torch.sort(keyed, dim=-1).values
-        counts = kept.sum(dim=-1, dtype=torch.int32)
-        return indices.contiguous(), counts.contiguous()
+        return block_indices(self.mask & self.visible())
 
     @classmethod
     def from_indices(
@@ -195,7 +240,7 @@ class BlockMask:
         return cls(mask, block_size, q_len, k_len, causal)
 
     def to(self, device: torch.device | str) -> BlockMask:
-        return BlockMask(self.mask.to(device), self.block_size, self.q_len, self.k_len, self.causal, self.shared_heads)
+        return dataclasses.replace(self, mask=self.mask.to(device))
 
     def __repr__(self) -> str:
         density = "meta" if self.mask.is_meta else f"{self.density():.3f}"

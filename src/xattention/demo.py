@@ -17,78 +17,28 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._common import attention_modules, synchronize, text_config
+from .evaluation.prompts import (  # the demo's prompt and its text, under the names the demo has always exported
+    NEEDLE_ANSWER_PREFIX as ANSWER_PREFIX,  # noqa: F401
+)
+from .evaluation.prompts import NEEDLE_HAYSTACK as HAYSTACK
+from .evaluation.prompts import NEEDLE_INSTRUCTION as INSTRUCTION  # noqa: F401
+from .evaluation.prompts import NEEDLE_QUESTION as QUESTION  # noqa: F401
+from .evaluation.prompts import NEEDLE_SENTENCE as NEEDLE  # noqa: F401
+from .evaluation.prompts import NeedlePrompt as Prompt
+from .evaluation.prompts import needle_prompt as build_prompt
+
 __all__ = ["HAYSTACK", "Prompt", "add_arguments", "build_prompt", "main", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
-# RULER's "noise" haystack (Hsieh et al., 2024): the same five sentences, repeated.
-HAYSTACK = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-INSTRUCTION = (
-    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-    "I will quiz you about the numbers afterwards.\n"
-)
-NEEDLE = "One of the special magic numbers is: {passkey}. "
-QUESTION = "\nWhat is the special magic number mentioned in the provided text?"
-ANSWER_PREFIX = " The special magic number mentioned in the provided text is"
 DEFAULT_CPU_LENGTH = 3500
 DEFAULT_GPU_LENGTH = 7800  # SmolLM2 was trained on 8K-token contexts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A needle-in-a-haystack prompt: token ids ``[1, L]``, the passkey and where the needle sits."""
-
-    input_ids: Any
-    passkey: str
-    depth: float
-    text: str
-    needle_token: int  # index of the needle's first token (from tokenising the text before it)
-
-
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def build_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int = 0) -> Prompt:
-    """A chat-formatted passkey prompt of about ``length`` tokens.
-
-    The haystack is :data:`HAYSTACK` repeated; the needle (a random 7-digit number from ``seed``) is inserted between two
-    repetitions at fraction ``depth`` of the haystack. The user turn goes through the tokenizer's chat template (when it
-    has one) and the assistant turn starts with RULER's answer prefix.
-
-    Returns:
-        :class:`Prompt` with ``input_ids`` int64 ``[1, L]``, ``L`` within one haystack repetition of ``length``.
-    """
-    import torch
-
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must lie in [0, 1], got {depth}")
-    passkey = str(random.Random(seed).randint(1_000_000, 9_999_999))
-
-    def render(repeats: int) -> str:
-        pos = round(repeats * depth)
-        haystack = HAYSTACK * pos + NEEDLE.format(passkey=passkey) + HAYSTACK * (repeats - pos)
-        user = INSTRUCTION + haystack + QUESTION
-        if getattr(tokenizer, "chat_template", None):
-            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
-        else:
-            chat = user + "\n"
-        return chat + ANSWER_PREFIX
-
-    overhead = len(_encode(tokenizer, render(0)))
-    per_repeat = max(1, len(_encode(tokenizer, HAYSTACK * 8)) / 8)
-    if length < overhead + per_repeat:
-        raise ValueError(f"--length {length} is too short: the prompt needs at least {overhead + int(per_repeat)} tokens")
-    text = render(round((length - overhead) / per_repeat))
-    ids = torch.tensor([_encode(tokenizer, text)], dtype=torch.long)
-    needle_token = len(_encode(tokenizer, text[: text.index(NEEDLE.format(passkey=passkey))]))
-    return Prompt(ids, passkey, depth, text, needle_token)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -96,17 +46,8 @@ def build_prompt(tokenizer: Any, length: int, *, depth: float = 0.5, seed: int =
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _sync(device: Any) -> None:
-    import torch
-
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _layer_modules(model: Any) -> list[Any]:
-    from .integrations.hf import _attention_modules
-
-    return [m for m in _attention_modules(model) if "attention" in type(m).__name__.lower()]
+    return [m for m in attention_modules(model) if "attention" in type(m).__name__.lower()]
 
 
 def _generate(
@@ -122,10 +63,10 @@ def _generate(
     hooks = [m.register_forward_hook(lambda *_: progress.advance(task)) for m in _layer_modules(model)]
     try:
         with torch.no_grad():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-            _sync(device)
+            synchronize(device)
             prefill = time.perf_counter() - start
     finally:
         for h in hooks:
@@ -204,13 +145,7 @@ def run_demo(
         length = longest_prompt(model, max_new_tokens) or DEFAULT_GPU_LENGTH
     if ttft_repeats is None:
         ttft_repeats = 3 if device.type == "cuda" else 0
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    num_layers, num_heads = int(text_config.num_hidden_layers), int(text_config.num_attention_heads)
-    layer = num_layers // 2 if layer is None else layer
-    if not 0 <= layer < num_layers:
-        raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
-    if not 0 <= head < num_heads:
-        raise ValueError(f"--head {head} is not in [0, {num_heads})")
+    layer = _check_layer_and_head(model, layer, head)
     method = XAttention(threshold=threshold, stride=stride, block_size=block_size, min_seq_len=0)
 
     prompt = build_prompt(tokenizer, length, depth=depth, seed=seed)
@@ -242,6 +177,18 @@ def run_demo(
             "[dim]CPU runs the PyTorch reference of the sparse path: the speed-up needs the Triton kernels on a GPU.[/]"
         )
     return {"prompt": prompt, "results": results, "heatmap": heat, "png": heat["png"]}
+
+
+def _check_layer_and_head(model: Any, layer: int | None, head: int) -> int:
+    """The heatmap's layer (default: the middle one); ``ValueError`` for a layer or head the model does not have."""
+    config = text_config(model)
+    num_layers, num_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+    layer = num_layers // 2 if layer is None else layer
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"--layer {layer} is not in [0, {num_layers})")
+    if not 0 <= head < num_heads:
+        raise ValueError(f"--head {head} is not in [0, {num_heads})")
+    return layer
 
 
 def _answer_both(
@@ -433,16 +380,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_arguments(args: argparse.Namespace) -> Any:
     """Everything that can be checked without the model (which takes ~18 s to load): the extras, the device and the
     numbers. Returns the ``torch.device``; ``ValueError`` (or ``ModuleNotFoundError`` naming the extra) otherwise."""
-    import torch
-
     from ._extras import require_model
-    from ._parsing import parse_device
+    from ._parsing import parse_device, parse_dtype
     from .methods import XAttention
 
     require_model(args.model, "rich", "matplotlib")
     device = parse_device(args.device)
-    if args.dtype is not None and not isinstance(getattr(torch, args.dtype, None), torch.dtype):
-        raise ValueError(f"--dtype {args.dtype!r} is not a torch dtype; use e.g. float32 or bfloat16")
+    if args.dtype is not None:
+        parse_dtype(args.dtype, option="--dtype")
     XAttention(threshold=args.threshold, stride=args.stride, block_size=args.block_size, min_seq_len=0)
     if not 0.0 <= args.depth <= 1.0:
         raise ValueError(f"--depth must lie in [0, 1], got {args.depth}")

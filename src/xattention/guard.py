@@ -411,7 +411,7 @@ def _resolve_method(method: Method | str, thresholds: Any) -> tuple[str, Method,
 
 def _check_device(model: Any, device: Any) -> torch.device:
     """The device probes run on: the model's; an explicit ``device`` must be where the model already is."""
-    from .evaluation.runner import device_of
+    from ._common import device_of
 
     here = torch.device(device_of(model))
     if device is None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._parsing import parse_dtype
+
 __all__ = [
     "DEFAULT_MODEL",
     "MODELS",
@@ -270,7 +272,6 @@ def load_model(
     Returns:
         ``(model, tokenizer)``, the model in eval mode.
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     key = str(name_or_path)
@@ -293,9 +294,7 @@ def load_model(
     else:
         raise ValueError(f"{path} is a folder without config.json, not a Hugging Face model folder")
     if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
-        dtype = getattr(torch, dtype)
+        dtype = parse_dtype(dtype)
     logger.info("loading %s", path)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if check_tokenizer and "gguf_file" in kwargs:

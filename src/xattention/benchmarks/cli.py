@@ -1,11 +1,14 @@
-"""``xattention bench {kernels,methods,quality,model,context-parallel}``: route to the benchmark modules."""
+"""``xattention bench {kernels,methods,quality,model,context-parallel}``: route to the benchmark modules (:data:`BENCHMARKS`)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import sys
+from collections.abc import Callable
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "run_script"]
 
 BENCHMARKS = {
     "kernels": ("xattention.benchmarks.kernels", "dense vs sparse kernels, selection, end to end (GPU)"),
@@ -30,3 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     return int(args._bench_main(args) or 0)
+
+
+def run_script(
+    description: str | None,
+    add: Callable[[argparse.ArgumentParser], None],
+    run: Callable[..., int],
+    *,
+    prog: str | None = None,
+) -> None:
+    """``python -m xattention.benchmarks.<module>``: INFO logging, the module's options, exit with its status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add(parser)
+    sys.exit(run(parser.parse_args()))

@@ -28,7 +28,6 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,8 @@ from typing import Any
 
 import torch
 
-from .._parsing import parse_lengths
+from .._common import synchronize
+from .._parsing import parse_lengths, torch_dtype
 from ..methods.registry import split_method_specs
 from .records import device_stem
 
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 # creates them can fail to initialise or leave them behind. Plain NVLink P2P is all the ring needs.
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {name: torch_dtype(name) for name in ("bf16", "fp16", "fp32")}
 
 
 def _free_port() -> int:
@@ -81,18 +81,13 @@ def _init_distributed(device_kind: str) -> tuple[torch.device, bool]:
     return device, True
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, iters: int, barrier: bool) -> float:
     """Median milliseconds of ``fn`` over ``iters`` runs (CUDA events on GPU; the CPU clock only for CPU work)."""
     import torch.distributed as dist
 
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(iters):
         if barrier:
@@ -126,12 +121,10 @@ def _inputs(
     return q, k, v
 
 
-def _kept_and_visible(mask: torch.Tensor, rows: torch.Tensor, seq_len: int, block_size: int) -> tuple[int, int]:
+def _kept_and_visible(mask: Any) -> tuple[int, int]:
     """Kept visible blocks and visible blocks of this rank's mask rows (summed over batch and heads)."""
-    from ..kernels.reference import block_rows_geometry
-
-    _, visible = block_rows_geometry(seq_len, seq_len, block_size, rows, device=mask.device)
-    return int((mask & visible).sum()), int(visible.sum()) * mask.shape[0] * mask.shape[1]
+    visible = mask.visible()
+    return int((mask.mask & visible).sum()), int(visible.sum()) * mask.mask.shape[0] * mask.mask.shape[1]
 
 
 def run(
@@ -157,15 +150,50 @@ def run(
     import torch.distributed as dist
 
     from ..attention import sparse_attention
-    from ..distributed import RingStats, SequenceLayout, ring_sparse_attention, shard_sequence, unshard_sequence
     from ..methods.registry import single_method_from_spec
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
+    record = _header(device, batch, heads, kv_heads, head_dim, dtype, block_size, warmup, iters, passes, seed)
+    timing = {"warmup": warmup, "iters": iters}
+    for length in lengths:
+        q_full, k_full, v_full = _inputs(batch, heads, kv_heads, length, head_dim, dtype, device, seed)
+        for spec in method_specs:
+            method = single_method_from_spec(spec, where="bench context-parallel", block_size=block_size, min_seq_len=0)
+            single_ms: float | None = None
+            single_out = single_mask = None
+            if rank == 0 and (single or check):
+                single_out, single_mask = sparse_attention(q_full, k_full, v_full, method, return_mask=True)
+                if single:
+                    single_call = functools.partial(sparse_attention, q_full, k_full, v_full, method)
+                    single_ms = _time_ms(single_call, device, barrier=False, **timing)
+            dist.barrier()
+            for layout in layouts:
+                row, out, mask = _ring_row((q_full, k_full, v_full), method, spec, layout, passes, device, timing, single_ms)
+                if check:
+                    _check_row(row, out, mask, method.block_size, layout, single_out, single_mask)
+                del out, mask
+                record["rows"].append(row)
+                if rank == 0:
+                    logger.info("L=%d %s %s: ring %.3f ms, single %s ms", length, spec, layout, row["ring_ms"], single_ms)
+            del single_out, single_mask
+        del q_full, k_full, v_full
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def _header(
+    device: torch.device, batch: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int,
+    warmup: int, iters: int, passes: int | None, seed: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The record without rows: where and how the sweep runs."""
+    import torch.distributed as dist
+
     record: dict[str, Any] = {
         "benchmark": "context-parallel",
         "date": dt.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": world,
+        "world_size": dist.get_world_size(),
         "backend": dist.get_backend(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -181,63 +209,75 @@ def run(
         import triton
 
         record["triton"] = triton.__version__
-    for length in lengths:
-        q_full, k_full, v_full = _inputs(batch, heads, kv_heads, length, head_dim, dtype, device, seed)
-        for spec in method_specs:
-            method = single_method_from_spec(spec, where="bench context-parallel", block_size=block_size, min_seq_len=0)
-            single_ms: float | None = None
-            single_out = single_mask = None
-            if rank == 0 and (single or check):
-                single_out, single_mask = sparse_attention(q_full, k_full, v_full, method, return_mask=True)
-                if single:
-                    single_call = functools.partial(sparse_attention, q_full, k_full, v_full, method)
-                    single_ms = _time_ms(single_call, device, warmup=warmup, iters=iters, barrier=False)
-            dist.barrier()
-            for layout in layouts:
-                lay = SequenceLayout(length, world, method.block_size, layout)  # type: ignore[arg-type]
-                q, k, v = (shard_sequence(x, rank, world, layout, block_size=method.block_size) for x in (q_full, k_full, v_full))  # type: ignore[arg-type]
-                stats = RingStats()
-                out, mask = ring_sparse_attention(q, k, v, method, layout=layout, passes=passes, stats=stats, return_mask=True)
-                ring_call = functools.partial(ring_sparse_attention, q, k, v, method, layout=layout, passes=passes)
-                ring_ms = _time_ms(ring_call, device, warmup=warmup, iters=iters, barrier=True)
-                kept, visible = _kept_and_visible(mask.mask, lay.blocks(rank, device), length, method.block_size)
-                mine = {"rank": rank, "tokens": q.shape[2], "ring_ms": ring_ms, "kept": kept, "visible": visible,
-                        **stats.as_dict()}  # fmt: skip
-                per_rank: list[Any] = [None] * world
-                dist.all_gather_object(per_rank, mine)
-                row: dict[str, Any] = {
-                    "length": length, "method": spec, "method_params": method.params(), "layout": layout,
-                    "ring_ms": max(r["ring_ms"] for r in per_rank), "single_ms": single_ms,
-                    "density": sum(r["kept"] for r in per_rank) / max(1, sum(r["visible"] for r in per_rank)),
-                    "estimate_path": per_rank[0]["estimate_path"], "per_rank": per_rank,
-                }  # fmt: skip
-                for phase in ("estimate", "attention"):
-                    row[f"{phase}_bytes_sent_max"] = max(r[phase]["bytes_sent"] for r in per_rank)
-                    row[f"{phase}_messages_skipped"] = sum(r[phase]["messages_skipped"] for r in per_rank)
-                row["attention_computes_skipped"] = sum(r["attention"]["computes_skipped"] for r in per_rank)
-                if single_ms is not None:
-                    row["ring_over_single"] = row["ring_ms"] / single_ms
-                if check:
-                    outs: list[Any] = [None] * world
-                    masks: list[Any] = [None] * world
-                    dist.all_gather_object(outs, out.cpu())
-                    dist.all_gather_object(masks, mask.mask.cpu())
-                    if rank == 0:
-                        full = unshard_sequence(outs, layout, block_size=method.block_size)  # type: ignore[arg-type]
-                        assert single_out is not None
-                        row["max_abs_err"] = float((full.float() - single_out.float().cpu()).abs().max())
-                        if single_mask is not None:
-                            got = unshard_sequence(masks, layout, block_size=1)  # type: ignore[arg-type]
-                            row["masks_equal"] = bool(torch.equal(got, single_mask.mask.cpu()))
-                record["rows"].append(row)
-                if rank == 0:
-                    logger.info("L=%d %s %s: ring %.3f ms, single %s ms", length, spec, layout, row["ring_ms"], single_ms)
-                del q, k, v, out, mask
-            del single_out, single_mask
-        del q_full, k_full, v_full
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return record
+
+
+def _shards(full: tuple[torch.Tensor, ...], layout: str, block_size: int) -> list[torch.Tensor]:
+    """This rank's shard of each full-sequence tensor."""
+    import torch.distributed as dist
+
+    from ..distributed import shard_sequence
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return [shard_sequence(x, rank, world, layout, block_size=block_size) for x in full]  # type: ignore[arg-type]
+
+
+def _ring_row(
+    full: tuple[torch.Tensor, ...], method: Any, spec: str, layout: str, passes: int | None, device: torch.device,
+    timing: dict[str, int], single_ms: float | None,
+) -> tuple[dict[str, Any], torch.Tensor, Any]:  # fmt: skip
+    """Time the ring on this rank's shards and gather every rank's counts into one row (identical on every rank);
+    returns the row and this rank's output and mask rows."""
+    import torch.distributed as dist
+
+    from ..distributed import RingStats, ring_sparse_attention
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    q, k, v = _shards(full, layout, method.block_size)
+    stats = RingStats()
+    out, mask = ring_sparse_attention(q, k, v, method, layout=layout, passes=passes, stats=stats, return_mask=True)
+    ring_call = functools.partial(ring_sparse_attention, q, k, v, method, layout=layout, passes=passes)
+    ring_ms = _time_ms(ring_call, device, barrier=True, **timing)
+    kept, visible = _kept_and_visible(mask)
+    mine = {"rank": rank, "tokens": q.shape[2], "ring_ms": ring_ms, "kept": kept, "visible": visible, **stats.as_dict()}
+    per_rank: list[Any] = [None] * world
+    dist.all_gather_object(per_rank, mine)
+    row: dict[str, Any] = {
+        "length": full[0].shape[2], "method": spec, "method_params": method.params(), "layout": layout,
+        "ring_ms": max(r["ring_ms"] for r in per_rank), "single_ms": single_ms,
+        "density": sum(r["kept"] for r in per_rank) / max(1, sum(r["visible"] for r in per_rank)),
+        "estimate_path": per_rank[0]["estimate_path"], "per_rank": per_rank,
+    }  # fmt: skip
+    for phase in ("estimate", "attention"):
+        row[f"{phase}_bytes_sent_max"] = max(r[phase]["bytes_sent"] for r in per_rank)
+        row[f"{phase}_messages_skipped"] = sum(r[phase]["messages_skipped"] for r in per_rank)
+    row["attention_computes_skipped"] = sum(r["attention"]["computes_skipped"] for r in per_rank)
+    if single_ms is not None:
+        row["ring_over_single"] = row["ring_ms"] / single_ms
+    return row, out, mask
+
+
+def _check_row(
+    row: dict[str, Any], out: torch.Tensor, mask: Any, block_size: int, layout: str, single_out: torch.Tensor | None,
+    single_mask: Any,
+) -> None:  # fmt: skip
+    """With ``--check``: gather every rank's output and mask rows; rank 0 compares them with the single device."""
+    import torch.distributed as dist
+
+    from ..distributed import unshard_sequence
+
+    world = dist.get_world_size()
+    outs: list[Any] = [None] * world
+    masks: list[Any] = [None] * world
+    dist.all_gather_object(outs, out.cpu())
+    dist.all_gather_object(masks, mask.mask.cpu())
+    if dist.get_rank() == 0:
+        whole = unshard_sequence(outs, layout, block_size=block_size)  # type: ignore[arg-type]
+        assert single_out is not None
+        row["max_abs_err"] = float((whole.float() - single_out.float().cpu()).abs().max())
+        if single_mask is not None:
+            got = unshard_sequence(masks, layout, block_size=1)  # type: ignore[arg-type]
+            row["masks_equal"] = bool(torch.equal(got, single_mask.mask.cpu()))
 
 
 def format_table(record: dict[str, Any]) -> str:
@@ -316,7 +356,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m xattention.benchmarks.context_parallel", description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_script
+
+    run_script(__doc__, add_arguments, main, prog="python -m xattention.benchmarks.context_parallel")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,7 @@ def random_block_mask(batch: int, heads: int, length: int, block: int, density: 
     """A causal BlockMask keeping sink + diagonal + random blocks, at ``density`` of the visible blocks (in expectation).
 
     Density 1.0 is exactly the dense causal pattern."""
-    from ..block_mask import BlockMask
-    from ..kernels.reference import forced_blocks
+    from ..block_mask import BlockMask, forced_blocks
 
     full = BlockMask.full(batch, heads, block_size=block, q_len=length, k_len=length, device=device)
     if density >= 1.0:
@@ -50,7 +48,8 @@ def random_block_mask(batch: int, heads: int, length: int, block: int, density: 
     return BlockMask(keep & vis, block, length, length)
 
 
-def _bench(fn: Callable[[], Any], rep_ms: int) -> float:
+def bench_ms(fn: Callable[[], Any], rep_ms: int) -> float:
+    """``triton.testing.do_bench`` median of ``fn`` in milliseconds, warmed up for a quarter of ``rep_ms`` (25 at least)."""
     import triton
 
     return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median"))
@@ -67,7 +66,7 @@ def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rep_ms: i
     flops = causal_attention_flops(1, heads, length, length, head_dim)
     row: dict[str, Any] = {"dense_fa4_ms": None}
     if fa4_usable(q.device):
-        row["dense_fa4_ms"] = _bench(lambda: fa4.dense_attention(q, k, v), rep_ms)
+        row["dense_fa4_ms"] = bench_ms(lambda: fa4.dense_attention(q, k, v), rep_ms)
         row["dense_fa4_tflops"] = flops / row["dense_fa4_ms"] / 1e9
 
     def sdpa() -> torch.Tensor:
@@ -76,7 +75,7 @@ def dense_baselines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rep_ms: i
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
         try:
             with sdpa_kernel([backend]):
-                ms = _bench(sdpa, rep_ms)
+                ms = bench_ms(sdpa, rep_ms)
             row[f"dense_{name}_ms"] = ms
             row[f"dense_{name}_tflops"] = flops / ms / 1e9
         except RuntimeError as exc:  # a backend may be unavailable for this shape/build
@@ -112,22 +111,22 @@ def _measure_sparse(q, k, v, density: float, dense: dict[str, Any], with_flex: b
     mask = random_block_mask(1, heads, length, 128, density, q.device)
     real = mask.density()
     entry: dict[str, Any] = {"target_density": density, "density": real}
-    entry["auto_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask), rep_ms)
-    entry["triton_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask, backend="triton"), rep_ms)
+    entry["auto_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, mask), rep_ms)
+    entry["triton_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, mask, backend="triton"), rep_ms)
     # the same kernel with plain pointer loads instead of bulk (TMA) copies, to show what the copy engine buys
-    entry["triton_pointer_loads_ms"] = _bench(
+    entry["triton_pointer_loads_ms"] = bench_ms(
         lambda: triton_attention(q, k, v, mask.mask, block_size=128, use_tma=False), rep_ms
     )
     prebuilt = _fa4_prebuilt(q, k, v, mask)
     if prebuilt is not None:
-        entry["fa4_prebuilt_ms"] = _bench(prebuilt, rep_ms)
+        entry["fa4_prebuilt_ms"] = bench_ms(prebuilt, rep_ms)
         entry["auto_vs_fa4_prebuilt"] = entry["fa4_prebuilt_ms"] / entry["auto_ms"]
     # throughput per active block relative to the best dense kernel: (dense time / dense blocks) / (ours / our blocks)
     for name in ("auto", "triton", "fa4_prebuilt"):
         if f"{name}_ms" in entry:
             entry[f"{name}_vs_dense_per_block"] = dense["dense_best_ms"] * real / entry[f"{name}_ms"]
     if with_flex:
-        entry["flex_ms"] = _bench(lambda: block_sparse_attention(q, k, v, mask, backend="flex"), rep_ms)
+        entry["flex_ms"] = bench_ms(lambda: block_sparse_attention(q, k, v, mask, backend="flex"), rep_ms)
         entry["flex_vs_dense_per_block"] = dense["dense_best_ms"] * real / entry["flex_ms"]
     logger.info("L=%d %s", length, entry)
     return entry
@@ -147,12 +146,12 @@ def _measure_selection(q, k, v, stride: int, shared: bool, threshold: float, rep
     sel = {
         "stride": stride,
         "shared_kv_mask": shared,
-        "score_ms": _bench(lambda: antidiagonal_block_scores(q, k, stride=stride, block_size=128), rep_ms),
-        "select_ms": _bench(lambda: select_blocks(scores, thr, q_len=length, k_len=length, block_size=128), rep_ms),
-        "estimate_ms": _bench(lambda: method.estimate(q, k), rep_ms),
+        "score_ms": bench_ms(lambda: antidiagonal_block_scores(q, k, stride=stride, block_size=128), rep_ms),
+        "select_ms": bench_ms(lambda: select_blocks(scores, thr, q_len=length, k_len=length, block_size=128), rep_ms),
+        "estimate_ms": bench_ms(lambda: method.estimate(q, k), rep_ms),
         "density": mask.density(),
-        "attend_ms": _bench(lambda: block_sparse_attention(q, k, v, mask), rep_ms),
-        "end_to_end_ms": _bench(lambda: sparse_attention(q, k, v, method), rep_ms),
+        "attend_ms": bench_ms(lambda: block_sparse_attention(q, k, v, mask), rep_ms),
+        "end_to_end_ms": bench_ms(lambda: sparse_attention(q, k, v, method), rep_ms),
     }
     # the scoring GEMM's useful work: (L/S)^2 rows x cols of S*D products, causal half
     sel["score_tflops"] = (length / stride) ** 2 * stride * q.shape[3] * 2 * heads / 2 / sel["score_ms"] / 1e9
@@ -189,7 +188,7 @@ def _measure_length(
         row["selection"].append(sel)
     # What a user gets with the defaults (dense below method.min_seq_len): the "never slower than dense" check.
     default = XAttention(threshold=threshold)
-    row["default_method_ms"] = _bench(lambda: sparse_attention(q, k, v, default), rep_ms)
+    row["default_method_ms"] = bench_ms(lambda: sparse_attention(q, k, v, default), rep_ms)
     _speedups(row, row, "default_method_ms")
     return row
 
@@ -206,7 +205,7 @@ def _fa4_version() -> str | None:
 def matmul_ceiling_tflops(device: torch.device, n: int = 8192) -> float:
     """bf16 matmul rate of an ``n^3`` product on random data, measured now: the ceiling the scoring GEMM is held to."""
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * n**3 / _bench(lambda: a @ b, 200) / 1e9
+    return 2 * n**3 / bench_ms(lambda: a @ b, 200) / 1e9
 
 
 def run(
@@ -329,7 +328,8 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ms(value: float | None) -> str:
+def cell(value: float | None) -> str:
+    """A table cell: two decimals, or a dash for a value that was not measured."""
     return "—" if value is None else f"{value:.2f}"
 
 
@@ -342,14 +342,14 @@ def format_table(record: dict[str, Any]) -> str:
     for r in record["rows"]:
         for s in r["sparse"]:
             lines.append(
-                f"| {r['length']} | {_ms(r['dense_fa4_ms'])} | {_ms(r['dense_cudnn_ms'])} | {_ms(r['dense_flash_ms'])} | "
-                f"{s['density']:.3f} | {s['auto_ms']:.2f} | {s['triton_ms']:.2f} | {_ms(s.get('fa4_prebuilt_ms'))} | "
-                f"{_ms(s.get('auto_vs_fa4_prebuilt'))} | {_ms(s.get('flex_ms'))} |"
+                f"| {r['length']} | {cell(r['dense_fa4_ms'])} | {cell(r['dense_cudnn_ms'])} | {cell(r['dense_flash_ms'])} | "
+                f"{s['density']:.3f} | {s['auto_ms']:.2f} | {s['triton_ms']:.2f} | {cell(s.get('fa4_prebuilt_ms'))} | "
+                f"{cell(s.get('auto_vs_fa4_prebuilt'))} | {cell(s.get('flex_ms'))} |"
             )
     lines += ["", "| L | default XAttention() ms | vs FA4 dense | vs cuDNN |", "|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(
-            f"| {r['length']} | {r['default_method_ms']:.3f} | {_ms(r['speedup_vs_fa4'])} | {_ms(r['speedup_vs_cudnn'])} |"
+            f"| {r['length']} | {r['default_method_ms']:.3f} | {cell(r['speedup_vs_fa4'])} | {cell(r['speedup_vs_cudnn'])} |"
         )
     lines += ["", "| L | S | shared | score ms | score TFLOP/s | select ms | estimate ms | density | attend ms | e2e ms | "
               "vs FA4 dense | vs cuDNN |", "|---" * 12 + "|"]  # fmt: skip
@@ -358,13 +358,12 @@ def format_table(record: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['length']} | {s['stride']} | {s['shared_kv_mask']} | {s['score_ms']:.2f} | {s['score_tflops']:.0f} | "
                 f"{s['select_ms']:.2f} | {s['estimate_ms']:.2f} | {s['density']:.3f} | {s['attend_ms']:.2f} | "
-                f"{s['end_to_end_ms']:.2f} | {_ms(s['speedup_vs_fa4'])} | {_ms(s['speedup_vs_cudnn'])} |"
+                f"{s['end_to_end_ms']:.2f} | {cell(s['speedup_vs_fa4'])} | {cell(s['speedup_vs_cudnn'])} |"
             )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_script
+
+    run_script(__doc__, add_arguments, main)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import sys
 from typing import Any
 
 import torch
 
 from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
-from .kernels import _bench, _ms, dense_baselines
+from .kernels import bench_ms, cell, dense_baselines
 from .records import device_stem, write_record
 
 __all__ = ["DEFAULT_METHODS", "add_arguments", "main", "run"]
@@ -56,8 +55,8 @@ def _measure_length(
             "density": mask.density(),
             "mass_kept": float((true * mask.mask).sum(dim=(-1, -2)).mean() / length),
             **{key: dense[key] for key in ("dense_fa4_ms", "dense_cudnn_ms", "dense_best_ms", "dense_best")},
-            "estimate_ms": _bench(lambda m=method: m.estimate(q, k), rep_ms),
-            "attend_ms": _bench(lambda m=mask: block_sparse_attention(q, k, v, m), rep_ms),
+            "estimate_ms": bench_ms(lambda m=method: m.estimate(q, k), rep_ms),
+            "attend_ms": bench_ms(lambda m=mask: block_sparse_attention(q, k, v, m), rep_ms),
         }
         entry["end_to_end_ms"] = entry["estimate_ms"] + entry["attend_ms"]
         for name in ("fa4", "cudnn"):
@@ -102,7 +101,7 @@ def format_table(record: dict[str, Any]) -> str:
     for r in record["rows"]:
         lines.append(
             f"| {r['length']} | {r['method']} | {r['density']:.3f} | {r['mass_kept']:.3f} | {r['estimate_ms']:.2f} | "
-            f"{r['attend_ms']:.2f} | {r['end_to_end_ms']:.2f} | {_ms(r['speedup_vs_fa4'])}x | {_ms(r['speedup_vs_cudnn'])}x |"
+            f"{r['attend_ms']:.2f} | {r['end_to_end_ms']:.2f} | {cell(r['speedup_vs_fa4'])}x | {cell(r['speedup_vs_cudnn'])}x |"
         )
     return "\n".join(lines)
 
@@ -132,7 +131,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_script
+
+    run_script(__doc__, add_arguments, main)

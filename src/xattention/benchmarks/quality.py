@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -121,7 +120,7 @@ def _average(per_prompt: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def run(model_name: str, length: int, prompts: int, *, tasks: Sequence[str], seed: int, device: str, block_size: int) -> dict:
     """Load the model, build ``prompts`` evaluation prompts of ``length`` tokens, capture q/k and :func:`sweep` them."""
-    from ..calibration import attention_scales
+    from .._common import attention_scales
     from ..evaluation.tasks import SampleGenerator, resolve_tasks
     from ..integrations.hf import capture_qk
     from ..models import load_model
@@ -225,7 +224,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    from .cli import run_script
+
+    run_script(__doc__, add_arguments, main)

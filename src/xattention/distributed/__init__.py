@@ -7,13 +7,14 @@ See :mod:`.ring` for the algorithm and its communication, :mod:`.sharding` for t
 from __future__ import annotations
 
 from .ring import PhaseStats, RingStats, attend_shard, ring_estimate, ring_sparse_attention
-from .sharding import LAYOUTS, SequenceLayout, shard_sequence, unshard_sequence
+from .sharding import LAYOUTS, SequenceLayout, ShardBlockMask, shard_sequence, unshard_sequence
 
 __all__ = [
     "LAYOUTS",
     "PhaseStats",
     "RingStats",
     "SequenceLayout",
+    "ShardBlockMask",
     "attend_shard",
     "ring_estimate",
     "ring_sparse_attention",

@@ -1,43 +1,12 @@
 """Context-parallel block-sparse prefill: selection and attention with K/V shards travelling a ring of ranks.
 
-Every rank holds the q, k, v of its own tokens (a block-aligned shard, see :mod:`.sharding`). Two phases:
-
-**Selection** (:func:`ring_estimate`). XAttention's block scores are a softmax over *every* visible reshaped key of a row,
-so each rank needs a global row max and sum. K shards travel the ring (V stays home); against each arriving shard a rank
-computes, for its reshaped query rows, the shard's online-softmax statistics (row max, and per key block the sum of
-``exp(score - row max)``; the Triton :func:`xattention.kernels.antidiagonal.antidiagonal_partial_scores` on CUDA when
-the block size and stride suit it, else :func:`xattention.kernels.reference.antidiagonal_partial_scores`). After the ring the
-statistics merge into the exact global softmax (:func:`~xattention.kernels.reference.merge_partial_row_stats`), the block
-scores follow, and :func:`~xattention.kernels.reference.select_blocks_masked` selects on the full rows — the same mask a
-single device computes (up to float rounding in the scores). The per-block sums are ``b / S`` times smaller than the
-reshaped scores and are kept for one pass when they fit in ``memory_budget`` float32 elements (``B·Hq·(L_r/S)·Kb``);
-otherwise a second ring pass recomputes them against the now-known global max (twice the K traffic and scoring work).
-Other methods take an exact fallback: all-gather q and k, run ``method.estimate`` on the full sequence, keep this rank's
-rows (memory: a full q and k per rank, ``B·(Hq+Hkv)·L·D`` elements; the selection work is repeated on every rank).
-:class:`~xattention.methods.dense.Dense` (and inputs shorter than ``method.min_seq_len``) need no communication: the mask
-is every causally visible block.
-
-**Attention** (:func:`ring_sparse_attention`). K and V shards travel the ring together; at step ``s`` rank ``p`` sends the
-shard it holds to ``p+1`` and receives the one from ``p-1`` (``batch_isend_irecv``, posted before the step's compute
-so the transfer overlaps it). Each rank attends its queries to the arriving shard's kept blocks with the block-sparse
-kernel (Triton on CUDA, the PyTorch reference elsewhere), getting a partial output and log-sum-exp per query, and merges
-partial results flash-attention style (``lse = logaddexp(lse_a, lse_b)``, outputs weighted by ``exp(lse_x - lse)``).
-
-**Skipping.** Before the attention ring, every rank all-gathers one flag per shard: "one of my rows kept a visible block
-of shard ``j``". Shard ``j`` then only travels as far along the ring as the last rank that needs it (a rank in between
-relays it), and a rank attends only to (query run, key run) pairs that hold a kept block. With causal masking and the
-contiguous layout, shard ``j`` never needs to pass rank ``W-1``, so about half the ring transfers disappear; the zig-zag
-layout balances the causal compute instead (every rank holds an early and a late run), at the price of needing nearly
-every shard everywhere. The selection ring skips on geometry alone (a rank never receives keys all of which lie after
-its queries).
-
-**Communication per rank** (``e`` bytes per element, shard ``j`` of ``L_j`` tokens, ``h_j`` hops it travels,
-``h_j <= W-1``): selection ``sum_j h_j·B·Hkv·L_j·D·e / W`` on average (times 2 with two passes); attention twice that
-(K and V); metadata ``O(W)`` integers. :class:`RingStats` counts the bytes and messages each rank sent and received and
-what it skipped.
-
-With one rank (``W = 1``) nothing is communicated, selection is ``method.estimate`` itself and attention is one kernel
-call with the log-sum-exp output.
+Every rank holds the q, k, v of its own tokens (a block-aligned shard, see :mod:`.sharding`) and gets exactly its rows
+of the single-device result. :func:`ring_estimate` selects: XAttention from the online-softmax statistics of K shards
+travelling the ring (one pass, or two under ``memory_budget``), other methods by all-gathering q and k, Dense without
+communication. :func:`ring_sparse_attention` then sends K/V shards round the ring (transfers overlapping compute) and
+merges each rank's partial outputs by their log-sum-exp, skipping the shards and (query run, key run) pairs that no kept
+block needs. :class:`RingStats` counts what each rank sent, received, computed and skipped. With one rank nothing is
+communicated. The algorithm, its communication volume and the skipping rules: ``docs/ring.md``.
 """
 
 from __future__ import annotations
@@ -59,7 +28,7 @@ from ..kernels import resolve_backend
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..methods.xattention import XAttention
-from .sharding import SequenceLayout, unshard_sequence
+from .sharding import SequenceLayout, ShardBlockMask, unshard_sequence
 
 __all__ = ["PhaseStats", "RingStats", "attend_shard", "ring_estimate", "ring_sparse_attention"]
 
@@ -206,8 +175,11 @@ class _Problem:
         """This rank's token runs as ``(global start, global end, local start)``."""
         return _with_local_offsets(self.layout.token_runs(self.ring.rank))
 
-    def k_runs(self, origin: int) -> list[tuple[int, int, int]]:
+    def runs(self, origin: int) -> list[tuple[int, int, int]]:
+        """Rank ``origin``'s token runs (as queries, or as the keys of its shard) as ``(global start, global end,
+        local start)``."""
         return _with_local_offsets(self.layout.token_runs(origin))
+
 
 
 def _with_local_offsets(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -288,28 +260,39 @@ def _xattention_rows(
     memory_budget: int,
     stats: RingStats,
 ) -> Tensor:
-    """XAttention selection with K shards on the ring and online-softmax statistics (see the module docstring)."""
+    """XAttention selection with K shards on the ring and online-softmax statistics (``docs/ring.md``)."""
     ring, lay = prob.ring, prob.layout
-    b, s, length = method.block_size, method.stride, prob.seq_len
-    r = b // s
-    kb_total = lay.num_blocks
-    q_runs = prob.q_runs()
+    b, s = method.block_size, method.stride
     bsz, hq, hkv = prob.batch, prob.q_heads, prob.kv_heads
-    rows_total = sum(-(-(e - st) // b) for st, e, _ in q_runs) * r
+    rows_total = sum(-(-(e - st) // b) for st, e, _ in prob.q_runs()) * (b // s)
     if passes is None:
-        passes = 1 if bsz * hq * rows_total * kb_total <= memory_budget else 2
+        passes = 1 if bsz * hq * rows_total * lay.num_blocks <= memory_budget else 2
     if passes not in (1, 2):
         raise ValueError(f"passes must be None, 1 or 2, got {passes!r}")
     stats.estimate_path = f"ring-{passes}pass"
+    scores = _ring_block_scores(q, k, prob, b, s, causal, scale, passes, stats)
+    scores, thresholds = method.pool_kv_groups(scores, method.head_thresholds(hq, q.device), hkv)
+    rows = lay.blocks(ring.rank, q.device)
+    forced, visible = ref.block_rows_geometry(prob.seq_len, prob.seq_len, b, rows, causal=causal, device=q.device)
+    mask = ref.select_blocks_masked(scores, thresholds, forced=forced, visible=visible)
+    if mask.shape[1] != hq:
+        mask = mask.repeat_interleave(hq // hkv, dim=1)
+    return mask
 
+
+def _ring_block_scores(
+    q: Tensor, k: Tensor, prob: _Problem, b: int, s: int, causal: bool, scale: float | None, passes: int, stats: RingStats
+) -> Tensor:
+    """float32 ``[B, Hq, Qb_r, Kb]``: this rank's rows of the global XAttention block scores, from the online-softmax
+    statistics of every K shard that travels past (``passes`` 2: a second ring pass against the merged row max)."""
+    ring, lay, length, r = prob.ring, prob.layout, prob.seq_len, b // s
+    q_runs = prob.q_runs()
     # need[p][j]: some key of rank j's shard is visible to some query of rank p (geometry only, known everywhere).
-    def runs_of(rank: int) -> list[tuple[int, int, int]]:
-        return _with_local_offsets(lay.token_runs(rank))
-
     need = [
-        [any(_pair_relation(qr, kr, causal) != "after" for qr in runs_of(p) for kr in runs_of(j)) for j in range(ring.world)]
+        [any(_pair_relation(qr, kr, causal) != "after" for qr in prob.runs(p) for kr in prob.runs(j))
+         for j in range(ring.world)]
         for p in range(ring.world)
-    ]
+    ]  # fmt: skip
     # per query run: list of (first key block, row_max, sums or row sums)
     parts: list[list[tuple[int, Tensor, Tensor]]] = [[] for _ in q_runs]
     score_shard: Callable[..., tuple[Tensor, Tensor]] = ref.antidiagonal_partial_scores
@@ -320,7 +303,7 @@ def _xattention_rows(
             score_shard = antidiagonal.antidiagonal_partial_scores
 
     def shard_stats(origin: int, shard: Tensor, row_max: list[Tensor] | None, keep_sums: bool) -> None:
-        for k_run in runs_of(origin):
+        for k_run in prob.runs(origin):
             ks, ke, k_off = k_run
             kc = shard[:, :, k_off : k_off + ke - ks]
             for i, q_run in enumerate(q_runs):
@@ -336,7 +319,7 @@ def _xattention_rows(
                 parts[i].append((ks // b, m, sums if keep_sums else sums.sum(dim=-1)))
 
     def shape_of(origin: int) -> tuple[int, ...]:
-        return (bsz, hkv, lay.local_len(origin), prob.head_dim)
+        return (prob.batch, prob.kv_heads, lay.local_len(origin), prob.head_dim)
 
     kk = k.contiguous()
     _ring_pass(ring, kk, shape_of, need, lambda o, t: shard_stats(o, t, None, passes == 1), stats.estimate)
@@ -354,20 +337,12 @@ def _xattention_rows(
     pieces = []
     for i, (qs, qe, _) in enumerate(q_runs):
         total_max, total_sum = totals[i]
-        scores = torch.zeros(bsz, hq, -(-(qe - qs) // b), kb_total, dtype=torch.float32, device=q.device)
+        scores = torch.zeros(prob.batch, prob.q_heads, -(-(qe - qs) // b), lay.num_blocks, dtype=torch.float32, device=q.device)
         for kb0, m, sums in parts[i]:
             block = ref.partial_block_scores(sums, m, total_max, total_sum, rows_per_block=r)
             scores[..., kb0 : kb0 + block.shape[-1]] = block
         pieces.append(scores)
-    scores = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-
-    scores, thresholds = method.pool_kv_groups(scores, method.head_thresholds(hq, q.device), hkv)
-    rows = lay.blocks(ring.rank, q.device)
-    forced, visible = ref.block_rows_geometry(length, length, b, rows, causal=causal, device=q.device)
-    mask = ref.select_blocks_masked(scores, thresholds, forced=forced, visible=visible)
-    if mask.shape[1] != hq:
-        mask = mask.repeat_interleave(hq // hkv, dim=1)
-    return mask
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
 
 
 def _estimate_rows(
@@ -423,10 +398,10 @@ def ring_estimate(
             (1 when ``B·Hq·(L_r/S)·Kb <= memory_budget``).
         stats: filled with this rank's communication counts.
     Returns:
-        A :class:`BlockMask` whose ``mask`` is bool ``[B, Hq, Qb_r, Kb]``: the full mask's rows for this rank's query
-        blocks (in local order, i.e. global blocks ``SequenceLayout(...).blocks(rank)``) over all ``Kb = ceil(L/b)``
-        global key blocks. Its ``q_len`` is ``L_r`` and ``k_len`` is ``L``; note that ``density()`` and ``visible()``
-        assume the rows are the last ones of the sequence, which holds only for the last rank of a contiguous layout.
+        A :class:`~xattention.distributed.ShardBlockMask` whose ``mask`` is bool ``[B, Hq, Qb_r, Kb]``: the full mask's
+        rows for this rank's query blocks (in local order, i.e. global blocks ``SequenceLayout(...).blocks(rank)``, its
+        ``rows``) over all ``Kb = ceil(L/b)`` global key blocks. Its ``q_len`` is ``L_r`` and ``k_len`` is ``L``; its
+        ``visible()`` and ``density()`` are those of these rows in the full sequence.
     """
     stats = stats if stats is not None else RingStats()
     if not isinstance(method, Method):
@@ -434,7 +409,8 @@ def ring_estimate(
     ring = _Ring.of(group)
     prob = _describe(q, k, ring, method.block_size, layout, stats)
     rows = _estimate_rows(q, k, method, prob, causal, scale, passes, memory_budget, stats, isinstance(method, Dense))
-    return BlockMask(rows, method.block_size, q.shape[2], prob.seq_len, causal)
+    blocks = prob.layout.blocks(ring.rank, q.device)
+    return ShardBlockMask(rows, method.block_size, q.shape[2], prob.seq_len, causal, rows=blocks)
 
 
 # ----------------------------------------------------------------------------------------------------------- attention
@@ -468,6 +444,79 @@ def _merge(acc: tuple[Tensor, Tensor] | None, part: tuple[Tensor, Tensor]) -> tu
     return out, lse
 
 
+class _KeptPairs:
+    """Which (query run, key run) pairs hold a kept block of this rank's mask ``rows``: the attention ring computes
+    only those, and a shard travels only as far as the last rank needing it."""
+
+    def __init__(self, rows: Tensor, prob: _Problem, block_size: int, causal: bool) -> None:
+        self.prob, self.b, self.causal = prob, block_size, causal
+        self.q_runs = prob.q_runs()
+        self.counts = [-(-(e - s) // block_size) for s, e, _ in self.q_runs]  # query blocks per run
+        self.row_starts = [sum(self.counts[:i]) for i in range(len(self.q_runs))]
+        # Which key blocks each query run kept anywhere (one host sync for every decision below).
+        self.kept_cols = torch.stack(
+            [rows[:, :, r0 : r0 + n].any(dim=2).any(dim=1).any(dim=0) for r0, n in zip(self.row_starts, self.counts, strict=True)]
+        ).tolist()
+
+    def needed(self, i: int, q_run: tuple[int, int, int], k_run: tuple[int, int, int]) -> bool:
+        """Query run ``i`` (``q_run``) attends to ``k_run``: it is not after the queries and holds a kept block."""
+        visible = _pair_relation(q_run, k_run, self.causal) != "after"
+        return visible and any(self.kept_cols[i][k_run[0] // self.b : -(-k_run[1] // self.b)])
+
+    def need_matrix(self, ring: _Ring, stats: RingStats, device: torch.device) -> list[list[bool]]:
+        """``need[p][j]`` for every rank pair (one all-gather of this rank's flags); counts the skipped computes."""
+        w, runs = ring.world, self.prob.runs
+        pairs = [(i, qr, kr) for i, qr in enumerate(self.q_runs) for j in range(w) for kr in runs(j)]
+        stats.attention.computes_skipped += sum(
+            _pair_relation(qr, kr, self.causal) != "after" and not self.needed(i, qr, kr) for i, qr, kr in pairs
+        )
+        mine = [any(self.needed(i, qr, kr) for i, qr in enumerate(self.q_runs) for kr in runs(j)) for j in range(w)]
+        flags = torch.tensor(mine, dtype=torch.uint8, device=device)
+        return [[bool(x) for x in t.tolist()] for t in ring.all_gather(flags, stats.metadata)]
+
+
+def _attention_ring(
+    q: Tensor, k: Tensor, v: Tensor, rows: Tensor, prob: _Problem, b: int, causal: bool, scale: float | None,
+    stats: RingStats,
+) -> Tensor:  # fmt: skip
+    """This rank's output ``[B, Hq, L_r, D]``: K/V shards travel the ring, partial results merge by their LSE."""
+    ring, lay, p = prob.ring, prob.layout, prob.ring.rank
+    kept = _KeptPairs(rows, prob, b, causal)
+    q_runs = kept.q_runs
+    need = kept.need_matrix(ring, stats, q.device)
+    acc: list[tuple[Tensor, Tensor] | None] = [None] * len(q_runs)
+
+    def attend(origin: int, kv: Tensor | None) -> None:
+        kk, vv = (k, v) if kv is None else (kv[0], kv[1])
+        for k_run in prob.runs(origin):
+            ks, ke, k_off = k_run
+            for i, q_run in enumerate(q_runs):
+                qs, qe, q_off = q_run
+                if not kept.needed(i, q_run, k_run):
+                    continue
+                r0 = kept.row_starts[i]
+                sub = rows[:, :, r0 : r0 + kept.counts[i], ks // b : -(-ke // b)]
+                part = attend_shard(
+                    q[:, :, q_off : q_off + qe - qs], kk[:, :, k_off : k_off + ke - ks],
+                    vv[:, :, k_off : k_off + ke - ks], sub.contiguous(), block_size=b,
+                    causal=_pair_relation(q_run, k_run, causal) == "same", scale=scale,
+                )  # fmt: skip
+                stats.attention.computes += 1
+                acc[i] = _merge(acc[i], part)
+
+    def shape_of(origin: int) -> tuple[int, ...]:
+        return (2, prob.batch, prob.kv_heads, lay.local_len(origin), prob.head_dim)
+
+    _ring_pass(ring, torch.stack([k, v]), shape_of, need, lambda o, t: attend(o, None if o == p else t), stats.attention)
+    outs = []
+    for (s, e, _), part in zip(q_runs, acc, strict=True):
+        if part is None:  # no query of the run sees a kept key
+            outs.append(torch.zeros(*q.shape[:2], e - s, q.shape[3], dtype=q.dtype, device=q.device))
+        else:
+            outs.append(part[0].to(q.dtype))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
 def ring_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -488,14 +537,15 @@ def ring_sparse_attention(
     Collective: every rank of ``group`` calls it with its own shard. Selection as :func:`ring_estimate` (every causally
     visible block when ``method`` is Dense or the global length is below ``method.min_seq_len``, as
     ``sparse_attention`` runs dense attention there), then K/V shards travel the ring and each rank merges its partial
-    outputs with their log-sum-exp (see the module docstring).
+    outputs with their log-sum-exp (``docs/ring.md``).
 
     Args:
         q: ``[B, Hq, L_r, D]``; k, v: ``[B, Hkv, L_r, D]``: this rank's tokens (``layout``, blocks of
             ``method.block_size``; see :func:`~xattention.distributed.shard_sequence`).
         method, group, causal, scale, layout, passes, memory_budget: as :func:`ring_estimate`.
         stats: filled with this rank's communication and compute counts.
-        return_mask: also return this rank's :class:`BlockMask` rows.
+        return_mask: also return this rank's mask rows (a :class:`~xattention.distributed.ShardBlockMask`; at one rank the
+            :class:`BlockMask` of :func:`xattention.sparse_attention`).
     Returns:
         ``[B, Hq, L_r, D]`` in q's dtype (and the mask rows).
     """
@@ -516,70 +566,10 @@ def ring_sparse_attention(
         return out, mask
     dense = isinstance(method, Dense) or prob.seq_len < method.min_seq_len
     rows = _estimate_rows(q, k, method, prob, causal, scale, passes, memory_budget, stats, dense)
-
-    lay, p, w = prob.layout, ring.rank, ring.world
-    q_runs = prob.q_runs()
-    counts = [-(-(e - s) // b) for s, e, _ in q_runs]  # query blocks per run
-    row_starts = [sum(counts[:i]) for i in range(len(q_runs))]
-    # Which key blocks each query run kept anywhere (one host sync for every decision below).
-    kept_cols = torch.stack(
-        [rows[:, :, r0 : r0 + n].any(dim=2).any(dim=1).any(dim=0) for r0, n in zip(row_starts, counts, strict=True)]
-    )
-    kept_cols = kept_cols.tolist()
-
-    def pair_needed(i: int, q_run: tuple[int, int, int], k_run: tuple[int, int, int]) -> bool:
-        return _pair_relation(q_run, k_run, causal) != "after" and any(kept_cols[i][k_run[0] // b : -(-k_run[1] // b)])
-
-    my_need = [any(pair_needed(i, qr, kr) for i, qr in enumerate(q_runs) for kr in prob.k_runs(j)) for j in range(w)]
-    stats.attention.computes_skipped += sum(
-        _pair_relation(qr, kr, causal) != "after" and not pair_needed(i, qr, kr)
-        for i, qr in enumerate(q_runs)
-        for j in range(w)
-        for kr in prob.k_runs(j)
-    )
-    flags = torch.tensor(my_need, dtype=torch.uint8, device=q.device)
-    need = [[bool(x) for x in t.tolist()] for t in ring.all_gather(flags, stats.metadata)]
-
-    acc: list[tuple[Tensor, Tensor] | None] = [None] * len(q_runs)
-
-    def attend(origin: int, kv: Tensor | None) -> None:
-        kk, vv = (k, v) if kv is None else (kv[0], kv[1])
-        for k_run in prob.k_runs(origin):
-            ks, ke, k_off = k_run
-            for i, q_run in enumerate(q_runs):
-                qs, qe, q_off = q_run
-                relation = _pair_relation(q_run, k_run, causal)
-                if relation == "after":
-                    continue
-                if not pair_needed(i, q_run, k_run):
-                    continue
-                r0 = row_starts[i]
-                sub = rows[:, :, r0 : r0 + counts[i], ks // b : -(-ke // b)]
-                part = attend_shard(
-                    q[:, :, q_off : q_off + qe - qs], kk[:, :, k_off : k_off + ke - ks],
-                    vv[:, :, k_off : k_off + ke - ks], sub.contiguous(), block_size=b,
-                    causal=relation == "same", scale=scale,
-                )  # fmt: skip
-                stats.attention.computes += 1
-                acc[i] = _merge(acc[i], part)
-
-    def shape_of(origin: int) -> tuple[int, ...]:
-        return (2, prob.batch, prob.kv_heads, lay.local_len(origin), prob.head_dim)
-
-    if w == 1:  # nothing travels: attend to the local K/V without packing them
-        attend(p, None)
-    else:
-        _ring_pass(ring, torch.stack([k, v]), shape_of, need, lambda o, t: attend(o, None if o == p else t), stats.attention)
-
-    outs = []
-    for (s, e, _), part in zip(q_runs, acc, strict=True):
-        if part is None:  # no query of the run sees a kept key
-            outs.append(torch.zeros(*q.shape[:2], e - s, q.shape[3], dtype=q.dtype, device=q.device))
-        else:
-            outs.append(part[0].to(q.dtype))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    out = _attention_ring(q, k, v, rows, prob, b, causal, scale, stats)
+    p = ring.rank
     if p == 0 and logger.isEnabledFor(logging.DEBUG):
-        logger.debug("ring %s over %d ranks: %s", type(method).__name__, w, stats)
+        logger.debug("ring %s over %d ranks: %s", type(method).__name__, ring.world, stats)
     if return_mask:
-        return out, BlockMask(rows, b, q.shape[2], prob.seq_len, causal)
+        return out, ShardBlockMask(rows, b, q.shape[2], prob.seq_len, causal, rows=prob.layout.blocks(p, q.device))
     return out

@@ -16,13 +16,16 @@ A rank's local tokens are its runs concatenated in ascending position. The rank 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-__all__ = ["LAYOUTS", "SequenceLayout", "shard_sequence", "unshard_sequence"]
+from ..block_mask import BlockMask, visible_blocks
+
+__all__ = ["LAYOUTS", "SequenceLayout", "ShardBlockMask", "shard_sequence", "unshard_sequence"]
 
 LAYOUTS = ("contiguous", "zigzag")
 Layout = Literal["contiguous", "zigzag"]
@@ -135,3 +138,43 @@ def unshard_sequence(shards: list[Tensor], layout: Layout = "contiguous", *, blo
             pieces.append((s, shard.narrow(dim, offset, e - s)))
             offset += e - s
     return torch.cat([p for _, p in sorted(pieces, key=lambda item: item[0])], dim=dim)
+
+
+@dataclass(frozen=True, repr=False)
+class ShardBlockMask(BlockMask):
+    """One rank's rows of a sequence's :class:`~xattention.BlockMask`: ``mask`` bool ``[B, Hq, Qb_r, Kb]`` holds the
+    rows of the global query blocks ``rows`` (int64 ``[Qb_r]``, in local order: :meth:`SequenceLayout.blocks`) over all
+    ``Kb`` key blocks; ``q_len`` is the rank's token count ``L_r``, ``k_len`` the sequence length ``L`` (queries and keys
+    are the same ``L`` tokens).
+
+    A plain :class:`BlockMask` of these rows would place them at the end of the sequence (its bottom-right alignment),
+    which only the last rank of a contiguous layout holds: visibility, :meth:`density` and :meth:`to_token_mask` here use
+    each row's global position instead.
+    """
+
+    rows: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.rows, Tensor) or self.rows.ndim != 1 or self.rows.numel() != self.num_q_blocks:
+            raise ValueError(f"rows must be a 1-D tensor of the mask's {self.num_q_blocks} global query-block indices")
+
+    def visible(self) -> Tensor:
+        """bool ``[Qb_r, Kb]``: the blocks each of this rank's rows may see (all when not causal)."""
+        return visible_blocks(self.k_len, self.k_len, self.block_size, self.mask.device, rows=self.rows, causal=self.causal)
+
+    def to_token_mask(self) -> Tensor:
+        """bool ``[B, Hq, L_r, L]``: which of the sequence's keys each of this rank's queries sees."""
+        b = self.block_size
+        tok = self.mask.repeat_interleave(b, dim=2).repeat_interleave(b, dim=3)[..., : self.q_len, : self.k_len]
+        if self.causal:
+            local = torch.arange(self.q_len, device=tok.device)
+            q_pos = self.rows.to(tok.device)[local // b] * b + local % b  # type: ignore[union-attr]
+            tok = tok & (torch.arange(self.k_len, device=tok.device)[None, :] <= q_pos[:, None])
+        return tok
+
+    def to(self, device: torch.device | str) -> ShardBlockMask:
+        return dataclasses.replace(self, mask=self.mask.to(device), rows=self.rows.to(device))  # type: ignore[union-attr]
+
+    def __repr__(self) -> str:
+        return f"Shard{super().__repr__()[:-1]}, rows={self.rows.tolist()})"  # type: ignore[union-attr]

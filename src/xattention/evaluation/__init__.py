@@ -32,7 +32,7 @@ _WHERE = {
     "TASK_GROUPS": "tasks",
     "Sample": "tasks",
     "SampleGenerator": "tasks",
-    "EvalConfig": "runner",
+    "EvalConfig": "config",
     "run_eval": "runner",
     "score": "scoring",
     "string_match_all": "scoring",

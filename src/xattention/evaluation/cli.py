@@ -152,22 +152,12 @@ def main(args: argparse.Namespace) -> int:
 
     from .runner import EvalConfig, TimeBudgetExceeded, run_eval
 
+    same = ("model", "tasks", "lengths", "samples", "out", "seed", "device", "dtype", "batch_size", "max_new_tokens",
+            "mass", "chat_template", "time_budget")  # fmt: skip
     config = EvalConfig(
-        model=args.model,
-        tasks=args.tasks,
-        lengths=args.lengths,
         methods=",".join(args.methods) if args.methods else "dense,xattention:threshold=0.9",
-        samples=args.samples,
-        out=args.out,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        mass=args.mass,
-        chat_template=args.chat_template,
         progress=not args.no_progress,
-        time_budget=args.time_budget,
+        **{name: getattr(args, name) for name in same},
     )
     config.validate()  # unknown tasks, methods, parameters, devices and bad lengths fail here, before any model loads
     from .._extras import require_model

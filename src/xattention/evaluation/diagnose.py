@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._common import attention_scales, device_of, text_config
 from .tasks import (
     CWE_TEMPLATE,
     FWE_TEMPLATE,
@@ -206,11 +207,9 @@ def needle_attention(
     """
     import torch
 
-    from ..calibration import attention_scales
     from ..integrations.hf import capture_qk
     from ..kernels.reference import token_visibility
     from ..methods.dense import Dense
-    from .runner import device_of
 
     if positions is None:
         positions = answer_positions(tokenizer, sample)
@@ -332,12 +331,12 @@ def _pairs(records: Sequence[dict[str, Any]], method_label: str, length: int) ->
 def _layer_methods(model: Any, label: str, method: Any) -> Any:
     """The method, or per layer with its per-head thresholds when the label carries ``thresholds=PATH``."""
     from ..integrations.hf import layer_methods
-    from .runner import method_thresholds
+    from .config import method_thresholds
 
     path = method_thresholds(label)
     if path is None:
         return method
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     return layer_methods(method, int(config.num_hidden_layers), int(config.num_attention_heads), path)
 
 
@@ -372,10 +371,8 @@ def diagnose(
         ``heads`` and ``mass_kept`` (over all heads); ``heads``: the :data:`TOP_HEADS` (layer, head) pairs losing the
         most needle probability on the lost samples.
     """
-    import torch
-
-    from .runner import RESULTS_FILE, parse_methods, read_results
-    from .tasks import SampleGenerator
+    from .config import parse_methods
+    from .results import RESULTS_FILE, read_results
 
     path = Path(results_path)
     if path.is_dir():
@@ -390,7 +387,37 @@ def diagnose(
         raise ValueError("diagnose compares a sparse method with dense; give a method other than dense")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
-    records = read_results(path)
+    pairs, model_name = _chosen_pairs(read_results(path), path, label, length, max_samples)
+    if model is None:
+        import torch
+
+        load_model = importlib.import_module("xattention.models").load_model
+        lm, tokenizer = load_model(model_name, device="cpu", dtype=torch.float32)
+    else:
+        lm, tokenizer = model
+    if hasattr(lm, "eval"):
+        lm.eval()
+    layer_method = _layer_methods(lm, label, method)
+    rebuild = _Rebuilder(tokenizer, base_seed, chat_template, length)
+    rows: dict[str, list[dict[str, Any]]] = {g: [] for g in _GROUPS}
+    samples = []
+    from tqdm.auto import tqdm
+
+    for group, dense, sparse in tqdm(pairs, desc=f"diagnose {label}", unit="sample", disable=not progress):
+        sample = rebuild(dense)
+        positions = answer_positions(tokenizer, sample)
+        if not positions:
+            logger.warning("%s sample %d: no answer tokens found in the context", sample.task, sample.index)
+        head_rows = needle_attention(lm, tokenizer, sample, layer_method, positions=positions)
+        rows[group].extend(head_rows)
+        samples.append(_sample_entry(sample, group, dense, sparse, positions, head_rows))
+    return _diagnosis(label, length, model_name, rows, samples)
+
+
+def _chosen_pairs(
+    records: list[dict[str, Any]], path: Path, label: str, length: int, max_samples: int | None
+) -> tuple[list[tuple[str, dict, dict]], str]:
+    """The (group, dense, method) record pairs to look at, ordered lost first, and the one model they are of."""
     if not any(r["method"] == label and int(r["length"]) == length for r in records):
         labels = sorted({str(r["method"]) for r in records})
         lengths = sorted({int(r["length"]) for r in records})
@@ -409,60 +436,59 @@ def diagnose(
         merged = [by_group[g][i] for i in range(len(pairs)) for g in _GROUPS if i < len(by_group[g])]
         pairs = merged[:max_samples]
     pairs.sort(key=lambda p: (_GROUPS.index(p[0]), p[1]["task"], int(p[1]["sample"])))
-    model_name = models[0]
+    return pairs, models[0]
 
-    if model is None:
-        load_model = importlib.import_module("xattention.models").load_model
-        lm, tokenizer = load_model(model_name, device="cpu", dtype=torch.float32)
-    else:
-        lm, tokenizer = model
-    if hasattr(lm, "eval"):
-        lm.eval()
-    layer_method = _layer_methods(lm, label, method)
-    generators: dict[int, Any] = {}
 
-    from tqdm.auto import tqdm
+class _Rebuilder:
+    """Rebuilds a record's sample exactly as the evaluation generated it, checking its seed and token count."""
 
-    rows: dict[str, list[dict[str, Any]]] = {g: [] for g in _GROUPS}
-    samples = []
-    for group, dense, sparse in tqdm(pairs, desc=f"diagnose {label}", unit="sample", disable=not progress):
+    def __init__(self, tokenizer: Any, base_seed: int, chat_template: bool | None, length: int) -> None:
+        self.tokenizer, self.base_seed, self.chat_template, self.length = tokenizer, base_seed, chat_template, length
+        self.generators: dict[int, Any] = {}
+
+    def __call__(self, dense: dict[str, Any]) -> Sample:
+        from .tasks import SampleGenerator
+
         new_tokens = int(dense.get("max_new_tokens") or TASKS[dense["task"]].max_new_tokens)
-        if new_tokens not in generators:  # the record's answer budget sized its prompt (--max-new-tokens overrides it)
-            generators[new_tokens] = SampleGenerator(
-                tokenizer, chat_template=chat_template, base_seed=base_seed, max_new_tokens=new_tokens
+        if new_tokens not in self.generators:  # the record's answer budget sized its prompt (--max-new-tokens overrides it)
+            self.generators[new_tokens] = SampleGenerator(
+                self.tokenizer, chat_template=self.chat_template, base_seed=self.base_seed, max_new_tokens=new_tokens
             )
-        sample = generators[new_tokens].generate(str(dense["task"]), length, int(dense["sample"]))
+        sample = self.generators[new_tokens].generate(str(dense["task"]), self.length, int(dense["sample"]))
         if sample.seed != int(dense["seed"]):
             raise ValueError(
                 f"{sample.task} sample {sample.index}: rebuilt with seed {sample.seed}, but the results say "
-                f"{dense['seed']}; was the evaluation run with another --seed than {base_seed}?"
+                f"{dense['seed']}; was the evaluation run with another --seed than {self.base_seed}?"
             )
         if "tokens" in dense and sample.tokens != int(dense["tokens"]):
             raise ValueError(
                 f"{sample.task} sample {sample.index}: rebuilt with {sample.tokens} tokens, but the results say "
                 f"{dense['tokens']}; another tokenizer, or another chat-template setting?"
             )
-        positions = answer_positions(tokenizer, sample)
-        if not positions:
-            logger.warning("%s sample %d: no answer tokens found in the context", sample.task, sample.index)
-        head_rows = needle_attention(lm, tokenizer, sample, layer_method, positions=positions)
-        rows[group].extend(head_rows)
-        needle = [r for r in head_rows if r["needle_mass"] >= NEEDLE_HEAD_MIN_MASS]
-        samples.append(
-            {
-                "task": sample.task,
-                "sample": sample.index,
-                "group": group,
-                "depth": sample.depth,
-                "tokens": sample.tokens,
-                "answer_tokens": len(positions),
-                "dense_score": float(dense["score"]),
-                "method_score": float(sparse["score"]),
-                "needle_heads": len(needle),
-                "needle_mass_lost": _group_stats(head_rows)["needle_mass_lost"],
-            }
-        )
+        return sample
 
+
+def _sample_entry(
+    sample: Sample, group: str, dense: dict, sparse: dict, positions: list[int], head_rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    needle = [r for r in head_rows if r["needle_mass"] >= NEEDLE_HEAD_MIN_MASS]
+    return {
+        "task": sample.task,
+        "sample": sample.index,
+        "group": group,
+        "depth": sample.depth,
+        "tokens": sample.tokens,
+        "answer_tokens": len(positions),
+        "dense_score": float(dense["score"]),
+        "method_score": float(sparse["score"]),
+        "needle_heads": len(needle),
+        "needle_mass_lost": _group_stats(head_rows)["needle_mass_lost"],
+    }
+
+
+def _diagnosis(
+    label: str, length: int, model_name: str, rows: dict[str, list[dict[str, Any]]], samples: list[dict[str, Any]]
+) -> dict[str, Any]:
     layer_ids = sorted({r["layer"] for g in _GROUPS for r in rows[g]})
     layers = [
         {"layer": layer, **{g: _group_stats([r for r in rows[g] if r["layer"] == layer]) for g in _GROUPS}} for layer in layer_ids

@@ -32,29 +32,40 @@ transformers (4.53+, 5.x) looks attention up by name: a model's attention module
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._common import attention_modules, text_config
 from ..attention import block_sparse_attention, dense_attention, sparse_attention
 from ..block_mask import BlockMask
 from ..kernels import fa4_usable
 from ..methods.base import Method
 from ..methods.dense import Dense
-from ..methods.xattention import XAttention
-from ..metrics import attention_mass_kept
 from ..window import sliding_window_attention
-from .masks import MaskMemo, Span, is_plain_window, real_spans
+from .masks import Span, is_plain_window, real_spans
+from .state import (
+    LAYER_ATTR,
+    STATE_ATTR,
+    LayerState,
+    ModelState,
+    capturing,
+    collected_stats,
+    default_layer_state,
+    finish_record,
+    is_applied,
+    record_capture,
+    record_rows,
+    reset_stats,
+    stats_seconds,
+)
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -74,44 +85,6 @@ logger = logging.getLogger(__name__)
 
 # The name registered in transformers' AttentionInterface and AttentionMaskInterface.
 ATTN_IMPLEMENTATION = "xattention"
-_STATE_ATTR = "_xattention_state"  # on the model: _ModelState
-_LAYER_ATTR = "_xattention_layer"  # on each module with a `layer_idx`: _LayerState
-
-
-@dataclass
-class _ModelState:
-    """What :func:`apply` set up on one model (kept on the model as ``model._xattention_state``)."""
-
-    previous: list[tuple[Any, Any]]  # (config, its _attn_implementation_internal before apply)
-    record_stats: bool = False
-    record_mass: bool = False
-    stats: list[dict[str, Any]] = field(default_factory=list)
-    # set by capture_qk: layer index -> (q, k); None outside a capture
-    capture: dict[int, tuple[Tensor, Tensor]] | None = None
-    capture_layers: set[int] | None = None
-    # seconds spent recording statistics (density, attention mass), so callers can leave them out of timings
-    stats_seconds: float = 0.0
-    # what the masks of the current forward said (one device read per mask tensor, not per layer)
-    masks: MaskMemo = field(default_factory=MaskMemo)
-
-
-@dataclass
-class _LayerState:
-    method: Method
-    model: _ModelState
-
-
-_default_layer: _LayerState | None = None
-
-
-def _default_layer_state() -> _LayerState:
-    """Layers of a model loaded with ``attn_implementation="xattention"`` but never given to :func:`apply`."""
-    global _default_layer
-    if _default_layer is None:
-        _default_layer = _LayerState(XAttention(), _ModelState(previous=[]))
-    return _default_layer
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # registration
 # --------------------------------------------------------------------------------------------------------------------
@@ -208,13 +181,6 @@ def _sliding_window(module: Any, kwargs: dict[str, Any]) -> Any:
     return kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
 
 
-def _clock(device: torch.device) -> float:
-    """Wall-clock seconds after the device's queued work is done (so the time of statistics is measured alone)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def _sparse(q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None) -> tuple[Tensor, BlockMask | None]:
     """:func:`xattention.sparse_attention` with its mask. While dynamo traces, the same two steps without its debug log:
     dynamo cannot trace ``Logger.isEnabledFor``, and a graph break inside every layer's attention makes dynamo compile
@@ -227,35 +193,8 @@ def _sparse(q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None
     return block_sparse_attention(q, k, v, mask, scale=scale), mask
 
 
-def _record_rows(
-    state: _ModelState, q: Tensor, k: Tensor, block_mask: BlockMask | None, scale: float | None, rows: range, per_row: dict
-) -> None:
-    """Density (and with ``record_mass`` the attention mass kept) of batch ``rows``, mean over heads. Synchronises."""
-    start = _clock(q.device)
-    ones = [1.0] * len(rows)
-    per_row["density"][rows.start : rows.stop] = (
-        ones if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
-    )
-    if state.record_mass:
-        kept = ones if block_mask is None else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
-        per_row["mass_kept"][rows.start : rows.stop] = kept
-    state.stats_seconds += _clock(q.device) - start
-
-
-def _finish_record(state: _ModelState, record: dict[str, Any], per_row: dict[str, list] | None) -> None:
-    if not state.record_stats:
-        return
-    if per_row is not None:
-        real = [d for d in per_row["density"] if d is not None]
-        record["density"], record["row_density"] = sum(real) / len(real), per_row["density"]
-        if state.record_mass:
-            kept = [m for m in per_row["mass_kept"] if m is not None]
-            record["mass_kept"], record["row_mass_kept"] = sum(kept) / len(kept), per_row["mass_kept"]
-    state.stats.append(record)
-
-
 def _spans(
-    state: _ModelState, attention_mask: Tensor | None, query: Tensor, key: Tensor, layer_idx: Any
+    state: ModelState, attention_mask: Tensor | None, query: Tensor, key: Tensor, layer_idx: Any
 ) -> tuple[list[Span | None], int]:
     """Each batch element's run of real tokens, and the number of keys to use (see :func:`real_spans`)."""
     bsz, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
@@ -279,7 +218,7 @@ def _fa4_dense(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor
 
 
 def _global_attention(
-    layer: _LayerState,
+    layer: LayerState,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -294,22 +233,22 @@ def _global_attention(
     q_len, k_len = query.shape[2], key.shape[2]
     record: dict[str, Any] = {"layer": layer_idx, "q_len": q_len, "k_len": k_len, "density": None, "mass_kept": None}
     if attention_mask is not None and torch.compiler.is_compiling():  # reading the mask would break the graph
-        _finish_record(state, record, None)
+        finish_record(state, record, None)
         return None
     spans, k_len = ([], k_len) if isinstance(method, Dense) else _spans(state, attention_mask, query, key, layer_idx)
     if all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
-        _finish_record(state, record, None)
+        finish_record(state, record, None)
         return _fa4_dense(query, key, value, attention_mask, scale)
     per_row: dict[str, list] = {"density": [None] * len(spans), "mass_kept": [None] * len(spans)}
 
     def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:
         out, block_mask = _sparse(q, k, v, method, scale)
         if state.record_stats:
-            _record_rows(state, q, k, block_mask, scale, rows, per_row)
+            record_rows(state, q, k, block_mask, scale, rows, per_row)
         return out
 
     out = _run_spans(run, query, key, value, spans)
-    _finish_record(state, record, per_row)
+    finish_record(state, record, per_row)
     return out
 
 
@@ -339,7 +278,7 @@ def _run_spans(
 
 
 def _local_attention(
-    state: _ModelState,
+    state: ModelState,
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -393,7 +332,7 @@ def xattention_attention_forward(
     def dense() -> tuple[Tensor, Tensor | None]:
         return _transformers_attention(module, query, key, value, attention_mask, dropout, scaling, kwargs)
 
-    layer: _LayerState = getattr(module, _LAYER_ATTR, None) or _default_layer_state()
+    layer: LayerState = getattr(module, LAYER_ATTR, None) or default_layer_state()
     layer_idx = getattr(module, "layer_idx", None)
     window = _sliding_window(module, kwargs)
     if query.shape[2] == 1 or not _is_causal(module, kwargs):
@@ -409,9 +348,7 @@ def xattention_attention_forward(
         out = _local_attention(layer.model, query, key, value, attention_mask, window, scale, layer_idx)
         return dense() if out is None else (out.transpose(1, 2).contiguous(), None)
     if layer.model.capture is not None:  # capture_qk: record post-RoPE q/k, attend densely
-        state = layer.model
-        if layer_idx is not None and (state.capture_layers is None or layer_idx in state.capture_layers):
-            state.capture[layer_idx] = (query.detach(), key.detach())
+        record_capture(layer.model, layer_idx, query, key)
         return dense()
     if dropout and not isinstance(layer.method, Dense):
         raise ValueError("xattention does not support attention dropout; put the model in eval mode (model.eval())")
@@ -422,11 +359,6 @@ def xattention_attention_forward(
 # --------------------------------------------------------------------------------------------------------------------
 # apply / remove
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _all_configs(model: torch.nn.Module) -> list[Any]:
@@ -443,11 +375,6 @@ def _all_configs(model: torch.nn.Module) -> list[Any]:
             if sub is not None:
                 stack.append(sub)
     return list(seen.values())
-
-
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules carrying an integer ``layer_idx`` (attention modules, and in some models their decoder layers)."""
-    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
 
 
 def _check_supported(model: Any) -> None:
@@ -524,7 +451,7 @@ def apply(
         implementation the model had before the first ``apply``.
     """
     _check_supported(model)
-    text = _text_config(model)
+    text = text_config(model)
     num_layers, num_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     methods = layer_methods(method, num_layers, num_heads, thresholds)
 
@@ -532,16 +459,16 @@ def apply(
         raise ValueError("record_mass=True needs record_stats=True")
 
     register()
-    old: _ModelState | None = getattr(model, _STATE_ATTR, None)
+    old: ModelState | None = getattr(model, STATE_ATTR, None)
     previous = old.previous if old is not None else [(c, c._attn_implementation) for c in _all_configs(model)]
-    state = _ModelState(previous=previous, record_stats=record_stats, record_mass=record_mass)
-    modules = _attention_modules(model)
+    state = ModelState(previous=previous, record_stats=record_stats, record_mass=record_mass)
+    modules = attention_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no attention module with a layer_idx, so layers cannot be told apart")
     dense = Dense()
     for module in modules:
-        setattr(module, _LAYER_ATTR, _LayerState(methods.get(module.layer_idx, dense), state))
-    setattr(model, _STATE_ATTR, state)
+        setattr(module, LAYER_ATTR, LayerState(methods.get(module.layer_idx, dense), state))
+    setattr(model, STATE_ATTR, state)
 
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
@@ -559,75 +486,21 @@ def remove(model: Any) -> Any:
 
     A model that was never given to :func:`apply` is returned unchanged.
     """
-    state: _ModelState | None = getattr(model, _STATE_ATTR, None)
+    state: ModelState | None = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
     for config, implementation in state.previous:
         config._attn_implementation_internal = implementation
-    for module in _attention_modules(model):
-        if hasattr(module, _LAYER_ATTR):
-            delattr(module, _LAYER_ATTR)
-    delattr(model, _STATE_ATTR)
+    for module in attention_modules(model):
+        if hasattr(module, LAYER_ATTR):
+            delattr(module, LAYER_ATTR)
+    delattr(model, STATE_ATTR)
     return model
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# statistics and q/k capture
+# q/k capture (statistics and the capture state: .state)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def is_applied(model: Any) -> bool:
-    """Whether ``model`` currently has xattention applied (by :func:`apply`, not yet undone by :func:`remove`)."""
-    return getattr(model, _STATE_ATTR, None) is not None
-
-
-def _state(model: Any) -> _ModelState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise ValueError(f"{type(model).__name__} has no xattention applied; call xattention.apply(model, ...) first")
-    return state
-
-
-def collected_stats(model: Any) -> list[dict[str, Any]]:
-    """Statistics recorded since :func:`apply` or :func:`reset_stats` (needs ``apply(..., record_stats=True)``).
-
-    Returns:
-        One dict per (prefill call, full-attention layer), in call order: ``{"layer", "q_len", "k_len", "density",
-        "mass_kept"}``. ``density`` is the kept fraction of causally visible blocks (mean over batch and heads), ``None``
-        when the dense path ran; ``mass_kept`` (only with ``record_mass``) is the exact attention mass inside the kept
-        blocks, mean over heads and batch (:func:`xattention.attention_mass_kept`). When the sparse path ran, also
-        ``row_density`` (and with ``record_mass`` ``row_mass_kept``): one value per batch row, mean over heads, ``None``
-        for a row of padding only. Decode steps are not recorded.
-    """
-    return list(_state(model).stats)
-
-
-def reset_stats(model: Any) -> None:
-    """Forget the statistics recorded so far."""
-    state = _state(model)
-    state.stats.clear()
-    state.stats_seconds = 0.0
-
-
-def stats_seconds(model: Any) -> float:
-    """Seconds spent recording statistics since :func:`apply` or :func:`reset_stats` (subtract them from a timed
-    forward to get the time the model alone took)."""
-    return _state(model).stats_seconds
-
-
-@contextlib.contextmanager
-def capturing(model: Any, layers: Iterable[int] | None = None) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
-    """While active, prefill calls (``Lq > 1``) of causal full-attention layers store their post-RoPE ``(q, k)`` in the
-    yielded dict (the last call per layer wins) and run dense SDPA. The model must have xattention applied (use
-    :func:`apply` with :class:`~xattention.Dense` for a plain model); see :func:`capture_qk` for the one-call form.
-    """
-    state = _state(model)
-    captured: dict[int, tuple[Tensor, Tensor]] = {}
-    state.capture, state.capture_layers = captured, (set(layers) if layers is not None else None)
-    try:
-        yield captured
-    finally:
-        state.capture, state.capture_layers = None, None
 
 
 def capture_qk(
@@ -646,7 +519,7 @@ def capture_qk(
         ``{layer_idx: (q [B, Hq, L, D], k [B, Hkv, L, D])}`` for causal full-attention layers (sliding-window layers are
         left out). The forward runs dense attention whatever method is applied.
     """
-    applied = getattr(model, _STATE_ATTR, None) is not None
+    applied = getattr(model, STATE_ATTR, None) is not None
     if not applied:
         apply(model, Dense())
     try:

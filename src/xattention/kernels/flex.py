@@ -2,7 +2,8 @@
 
 An alternative backend and the baseline our Triton kernel is measured against. Kept blocks that every query of the row
 sees entirely go in as FlexAttention "full" blocks (no mask_mod call); the diagonal and padded ones as partial blocks
-with a bottom-right causal ``mask_mod``.
+with a bottom-right causal ``mask_mod``. Needs torch only (the index lists come from
+:func:`~xattention.block_mask.block_indices`, not from the Triton module).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..block_mask import full_block_limit
-from .block_sparse_attention import mask_to_indices
+from ..block_mask import block_indices, full_block_limit
 
 __all__ = ["block_sparse_attention", "flex_block_mask"]
 
@@ -34,8 +34,8 @@ def flex_block_mask(mask: Tensor, *, block_size: int, q_len: int, k_len: int, ca
     kb = mask.shape[3]
     cols = torch.arange(kb, device=mask.device)[None, :]
     full = cols <= full_block_limit(q_len, k_len, block_size, causal, mask.device)[:, None]
-    partial_idx, partial_cnt = mask_to_indices(mask & ~full)
-    full_idx, full_cnt = mask_to_indices(mask & full)
+    partial_idx, partial_cnt = block_indices(mask & ~full)
+    full_idx, full_cnt = block_indices(mask & full)
     offset = k_len - q_len
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:

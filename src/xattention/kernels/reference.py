@@ -13,13 +13,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..block_mask import causal_block_bounds
+from ..block_mask import forced_blocks, visible_blocks
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "antidiagonal_block_scores",
+    "antidiagonal_partial_scores",
+    "block_rows_geometry",
     "block_sparse_attention",
+    "block_sparse_attention_lse",
+    "cumulative_select",
+    "forced_blocks",
+    "merge_partial_row_stats",
+    "partial_block_scores",
     "select_blocks",
+    "select_blocks_masked",
+    "shard_lengths",
+    "token_visibility",
     "true_block_scores",
 ]
 
@@ -88,12 +98,6 @@ def antidiagonal_block_scores(
         probs = probs * (t * s < lq)[:, None].to(probs.dtype)  # padding rows carry no mass
         out[:, :, :, r0:r1] = probs.view(bsz, hkv, g, r1 - r0, r, kb, r).sum(dim=(4, 6))
     return out.view(bsz, hq, qb, kb)
-
-
-def forced_blocks(q_len: int, k_len: int, block_size: int, device: torch.device | str | None = None) -> Tensor:
-    """bool ``[Qb, Kb]``: blocks every row keeps regardless of score — the sink (column 0) and the diagonal blocks
-    (those holding the row's own query positions; two when ``k_len - q_len`` is not a multiple of ``block_size``)."""
-    return block_rows_geometry(q_len, k_len, block_size, device=device)[0]
 
 
 def select_blocks(
@@ -346,16 +350,11 @@ def block_rows_geometry(
 ) -> tuple[Tensor, Tensor]:
     """``(forced, visible)``, bool ``[R, Kb]``, for query-block rows ``rows`` (default: all ``Qb``) of a problem.
 
-    ``forced`` is :func:`forced_blocks` (sink and diagonal blocks), ``visible`` the blocks a row may keep (all when not
-    causal, else those up to its last diagonal block).
+    ``forced`` is :func:`~xattention.block_mask.forced_blocks` (sink and diagonal blocks), ``visible``
+    :func:`~xattention.block_mask.visible_blocks` (the blocks a row may keep).
     """
-    lo, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    if rows is not None:
-        lo, hi = lo[rows], hi[rows]
-    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
-    forced = (cols == 0) | ((cols >= lo[:, None]) & (cols <= hi[:, None]))
-    visible = cols <= hi[:, None] if causal else torch.ones_like(forced)
-    return forced, visible
+    forced = forced_blocks(q_len, k_len, block_size, device, rows=rows)
+    return forced, visible_blocks(q_len, k_len, block_size, device, rows=rows, causal=causal)
 
 
 def select_blocks_masked(scores: Tensor, threshold: float | Tensor, *, forced: Tensor, visible: Tensor) -> Tensor:
@@ -363,16 +362,51 @@ def select_blocks_masked(scores: Tensor, threshold: float | Tensor, *, forced: T
 
     Lets a caller select any subset of rows (a rank's query blocks) with :func:`block_rows_geometry`.
     """
-    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64)
-    thr = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
-    thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
-    order = torch.sort(torch.where(forced, float("inf"), s), dim=-1, descending=True, stable=True).indices
+    return cumulative_select(scores, threshold, forced=forced, visible=visible)
+
+
+def cumulative_select(
+    scores: Tensor,
+    threshold: float | Tensor | None = None,
+    *,
+    count: int | Tensor | None = None,
+    forced: Tensor | None = None,
+    visible: Tensor | None = None,
+) -> Tensor:
+    """The one selection rule of every method: per row of ``scores`` (its last dim), the ``forced`` entries first, then
+    the other ``visible`` ones in descending score (ties: lower index), either the first ``count`` or while the kept
+    score (forced ones included) is below ``threshold x`` the row's visible total. Zero-score entries are never added
+    (they add no mass); ``threshold >= 1`` keeps every entry with a non-zero score.
+
+    Sums run in float64, so a threshold compares exactly as given (a float32 0.9 would move the cut-off).
+
+    Args:
+        scores: non-negative ``[..., N]`` (block scores per row ``[B, H, Qb, Kb]``, line scores ``[B, H, L]``, or a
+            head's flattened block matrix ``[B, H, Qb*Kb]``).
+        threshold: float, or per-head tensor ``[H]`` for 4-D ``scores``; exactly one of ``threshold`` and ``count``.
+        count: entries to keep per row (an int, or a tensor broadcastable to ``scores[..., :1]``).
+        forced, visible: bool, broadcastable to ``scores`` (default: nothing forced, everything visible).
+    Returns:
+        bool, ``scores``' shape: ``(kept | forced) & visible``.
+    """
+    if (threshold is None) == (count is None):
+        raise ValueError("give exactly one of threshold and count")
+    s = (scores if visible is None else torch.where(visible, scores, torch.zeros_like(scores))).to(torch.float64)
+    key = s if forced is None else torch.where(forced, float("inf"), s)
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     sorted_s = torch.gather(s, -1, order)
-    before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this block
-    total = s.sum(dim=-1, keepdim=True)
-    keep_sorted = ((before < thr * total) | (thr >= 1.0)) & (sorted_s > 0)
+    if count is not None:
+        keep_sorted = torch.arange(s.shape[-1], device=s.device) < count
+    else:
+        thr = torch.as_tensor(threshold, dtype=torch.float64, device=scores.device)
+        thr = thr.view(1, -1, 1, 1) if thr.ndim == 1 else thr
+        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this entry
+        keep_sorted = (before < thr * s.sum(dim=-1, keepdim=True)) | (thr >= 1.0)
+    keep_sorted = keep_sorted & (sorted_s > 0)
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return (keep | forced) & visible
+    if forced is not None:
+        keep = keep | forced
+    return keep if visible is None else keep & visible
 
 
 def block_sparse_attention_lse(

@@ -1,4 +1,9 @@
-"""The method interface: a validated configuration with one ``estimate(q, k) -> BlockMask``."""
+"""The method interface: a validated configuration with one ``estimate(q, k) -> BlockMask``.
+
+The base owns what every method shares: input checks, the row geometry (sink and diagonal blocks forced, nothing above
+the causal diagonal; :class:`Geometry`) and the cumulative selection rule
+(:func:`~xattention.kernels.reference.cumulative_select`). A method computes its scores and hands them over.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
-from ..block_mask import BlockMask
+from .._validation import check_qkv
+from ..block_mask import BlockMask, forced_blocks, visible_blocks
+from ..kernels import resolve_backend
+from ..kernels.reference import cumulative_select
 
-__all__ = ["DEFAULT_MIN_SEQ_LEN", "Method", "check_fraction", "describe_types", "field_types"]
+__all__ = ["DEFAULT_MIN_SEQ_LEN", "Geometry", "Method", "check_fraction", "describe_types", "field_types"]
 
 # Below this many keys `sparse_attention` runs dense attention: selection plus a sparse kernel does not pay for itself on
 # short inputs. Measured crossover on an H200 (see README, "Speed"); override per method with `min_seq_len=`.
@@ -77,6 +86,51 @@ def _has_type(value: object, allowed: tuple[type, ...]) -> bool:
     return any(isinstance(value, t) for t in allowed if t not in (bool, int, float))
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """One estimate's problem, as :meth:`Method.geometry` reads it off q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lk, D]``.
+
+    Attributes:
+        batch, heads, kv_heads, q_len, k_len: ``B``, ``Hq``, ``Hkv``, ``Lq``, ``Lk``.
+        block_size, causal: the method's ``b`` and the attention's masking.
+        backend: the resolved scoring backend (``"reference"`` or ``"triton"``).
+        device: where q and k are.
+
+    ``forced`` and ``visible`` are computed on each access (``[Qb, Kb]`` bools, cheap; a cache's lock would stop
+    ``torch.compile`` tracing the estimate).
+    """
+
+    batch: int
+    heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    block_size: int
+    causal: bool
+    backend: str
+    device: torch.device
+
+    @property
+    def forced(self) -> Tensor:
+        """bool ``[Qb, Kb]``: the sink and diagonal blocks every row keeps (:func:`~xattention.block_mask.forced_blocks`)."""
+        return forced_blocks(self.q_len, self.k_len, self.block_size, self.device)
+
+    @property
+    def visible(self) -> Tensor:
+        """bool ``[Qb, Kb]``: the blocks a row may keep (:func:`~xattention.block_mask.visible_blocks`)."""
+        return visible_blocks(self.q_len, self.k_len, self.block_size, self.device, causal=self.causal)
+
+    def select(self, scores: Tensor, threshold: float | Tensor) -> Tensor:
+        """Per row of ``scores`` ``[B, H, Qb, Kb]``: the forced blocks, then the fewest others whose scores reach
+        ``threshold x`` the row's visible total (float or per-head ``[H]``). bool, ``scores``' shape."""
+        return cumulative_select(scores, threshold, forced=self.forced, visible=self.visible)
+
+    def block_mask(self, keep: Tensor, *, shared_heads: int = 1) -> BlockMask:
+        """The :class:`BlockMask` of ``keep`` ``[B, Hq, Qb, Kb]`` with the forced blocks added and nothing invisible."""
+        mask = (keep | self.forced) & self.visible
+        return BlockMask(mask, self.block_size, self.q_len, self.k_len, self.causal, shared_heads=shared_heads)
+
+
 @dataclass(kw_only=True, eq=False)
 class Method(ABC):
     """Base class of every block-selection method.
@@ -126,6 +180,12 @@ class Method(ABC):
         Returns:
             A :class:`BlockMask` of shape ``[B, Hq, ceil(Lq/b), ceil(Lk/b)]``.
         """
+
+    def geometry(self, q: Tensor, k: Tensor, *, causal: bool = True, backend: str = "auto") -> Geometry:
+        """Check q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` and the backend name; the :class:`Geometry` to select in."""
+        bsz, hq, hkv, lq, lk, _ = check_qkv(q, k)
+        chosen = resolve_backend(backend, q.device)
+        return Geometry(bsz, hq, hkv, lq, lk, self.block_size, causal, chosen, q.device)
 
     def params(self) -> dict[str, Any]:
         """The configuration as a plain dict (for result files and logs)."""

@@ -11,9 +11,8 @@ import torch
 from torch import Tensor
 
 from .._validation import check_qkv
-from ..block_mask import BlockMask, causal_block_bounds
-from ..kernels import resolve_backend
-from ..kernels.reference import forced_blocks
+from ..block_mask import BlockMask, visible_blocks
+from ..kernels.reference import cumulative_select
 from .base import Method
 from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
 
@@ -34,12 +33,6 @@ def block_mean(x: Tensor, block_size: int) -> Tensor:
     return torch.cat(parts, dim=-2)
 
 
-def _visible(q_len: int, k_len: int, block_size: int, causal: bool, device: torch.device) -> Tensor:
-    _, hi = causal_block_bounds(q_len, k_len, block_size, device)
-    cols = torch.arange(-(-k_len // block_size), device=device)[None, :]
-    return cols <= hi[:, None] if causal else torch.ones(hi.numel(), cols.numel(), dtype=torch.bool, device=device)
-
-
 def _sqrt_js_divergence(p: Tensor, q: Tensor) -> Tensor:
     """``sqrt(JSD(p || q))`` (natural log, so in ``[0, sqrt(ln 2)]``) over the last dim; zero entries contribute 0."""
     m = (p + q) / 2
@@ -51,16 +44,8 @@ def _sqrt_js_divergence(p: Tensor, q: Tensor) -> Tensor:
 def _select_global(scores: Tensor, forced: Tensor, visible: Tensor, gamma: float) -> Tensor:
     """Cumulative selection over a head's whole block matrix ``[B, H, Qb, Kb]``: forced blocks first, then descending
     score (ties: lower flat index) while the kept score is below ``gamma x`` the head's total; zero scores never."""
-    bsz, h, qb, kb = scores.shape
-    s = torch.where(visible, scores, torch.zeros_like(scores)).to(torch.float64).reshape(bsz, h, qb * kb)
-    f = forced.reshape(1, 1, qb * kb)
-    order = torch.sort(torch.where(f, float("inf"), s), dim=-1, descending=True, stable=True).indices
-    sorted_s = torch.gather(s, -1, order)
-    before = torch.cumsum(sorted_s, dim=-1) - sorted_s
-    total = s.sum(dim=-1, keepdim=True)
-    keep_sorted = ((before < gamma * total) | (gamma >= 1.0)) & (sorted_s > 0)
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted).view(bsz, h, qb, kb)
-    return (keep | forced) & visible
+    flat = cumulative_select(scores.flatten(-2), gamma, forced=forced.flatten(), visible=visible.flatten())
+    return flat.view(scores.shape)
 
 
 def _top_up(mask: Tensor, scores: Tensor, visible: Tensor, min_blocks: int) -> Tensor:
@@ -80,29 +65,15 @@ def _top_up(mask: Tensor, scores: Tensor, visible: Tensor, min_blocks: int) -> T
 class FlexPrefill(Method):
     """FlexPrefill: per head, a Jensen-Shannon test picks a query-aware block pattern or a vertical-slash pattern, each
     sized by cumulative attention (arXiv:2502.20766, Sec. 3, "Query-Aware Sparse Pattern Determination" and
-    "Cumulative-Attention Based Index Selection", and the algorithms there).
+    "Cumulative-Attention Based Index Selection").
 
-    Per (batch, head), with ``Q̂`` the last ``b`` queries (the last query block) and ``b`` the block size:
-
-    1. Pattern test. Estimated distribution ``â = softmax(avgpool(Q̂) · avgpool(K)ᵀ · scale)`` over key blocks (one
-       pooled query, every key block; a partial last key block is averaged over its real keys). True distribution
-       ``ā``: the exact softmax of ``Q̂`` against all keys (causal, float32), summed inside each key block and averaged
-       over the queries of ``Q̂``. ``d = sqrt(JSD(â, ā))`` (natural log). ``d < tau`` -> query-aware head, else
-       vertical-slash head. :meth:`head_patterns` exposes the decision, :meth:`pattern_divergence` the values.
-    2. Query-aware head. Pooled block attention ``softmax(avgpool(Q)_r · avgpool(K)_cᵀ · scale)`` for every query block
-       ``r``, causal at block level (columns up to the row's diagonal block). As in the paper's query-aware index search
-       (and its code), the blocks are chosen over the head's whole normalised block matrix, not per row: the fewest
-       blocks, in descending score, whose scores reach ``gamma x`` the total (``Qb``, one per row).
-    3. Vertical-slash head. The vertical (per key column) and slash (per offset) sums of ``Q̂``'s exact attention; the
-       fewest columns holding ``gamma`` of the vertical mass and the fewest slash lines holding ``gamma`` of the slash
-       mass; then their block-granular cover (see :class:`~xattention.methods.vertical_slash.VerticalSlash`: a block is
-       kept if it contains a kept column or a kept slash passes through it). The paper's kernel works on blocks too; its
-       code approximates each slash by a whole block diagonal, the cover here is exact.
-    4. Every head keeps the sink and diagonal blocks (counted first in the query-aware mass, as everywhere in this
-       library), and every row then keeps at least ``min(min_budget, visible)`` blocks: rows below the budget add
-       their highest-scoring remaining blocks (pooled score for query-aware heads; for vertical-slash heads the
-       estimated mass of the lines through the block). The paper's code states ``min_budget`` in tokens (its default
-       512, i.e. 4 blocks of 128) and applies it to the line counts; here it is blocks per row.
+    Per head: ``sqrt(JSD)`` between the last query block's pooled estimate and its true block distribution
+    (:meth:`pattern_divergence`) below ``tau`` makes it query-aware (:meth:`head_patterns`): the fewest blocks of its
+    pooled block attention (:meth:`pooled_block_attention`) over the whole head whose scores reach ``gamma`` of the
+    total; otherwise the fewest vertical and slash lines of the last block's exact attention holding ``gamma`` of each
+    mass, as a block cover (:class:`~xattention.methods.vertical_slash.VerticalSlash`). Every row keeps the sink and
+    diagonal blocks and at least ``min(min_budget, visible)`` blocks. ``docs/methods.md`` gives the steps and where
+    they differ from the paper and its code.
 
     Attributes:
         gamma: cumulative attention threshold ``γ`` in ``(0, 1]`` (default 0.9, the paper's).
@@ -160,7 +131,7 @@ class FlexPrefill(Method):
         q_pool = block_mean(q, b).view(bsz, hkv, hq // hkv, -1, d)
         k_pool = block_mean(k, b)
         logits = torch.einsum("bhgrd,bhcd->bhgrc", q_pool, k_pool).reshape(bsz, hq, q_pool.shape[-2], -1) * factor
-        visible = _visible(lq, lk, b, causal, q.device)
+        visible = visible_blocks(lq, lk, b, q.device, causal=causal)
         return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
     def estimate(
@@ -169,11 +140,9 @@ class FlexPrefill(Method):
         """FlexPrefill blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
 
         Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        _, _, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)
-        b, gamma = self.block_size, float(self.gamma)
-        visible = _visible(lq, lk, b, causal, q.device)
-        forced = forced_blocks(lq, lk, b, q.device) & visible
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        lq, lk, b, gamma = geo.q_len, geo.k_len, self.block_size, float(self.gamma)
+        visible, forced = geo.visible, geo.forced  # the forced blocks are always visible
 
         vertical, slash = last_queries_line_sums(q, k, last_q=b, causal=causal, scale=scale)
         query_aware = (self._divergence(q, k, vertical, scale) < self.tau)[..., None, None]
@@ -188,5 +157,4 @@ class FlexPrefill(Method):
 
         mask = torch.where(query_aware, qa_mask, vs_mask)
         scores = torch.where(query_aware, qa_scores.to(torch.float64), vs_scores)
-        mask = _top_up(mask, scores, visible, self.min_budget)
-        return BlockMask(mask.contiguous(), b, lq, lk, causal)
+        return geo.block_mask(_top_up(mask, scores, visible, self.min_budget))

@@ -7,10 +7,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .._validation import check_qkv
 from ..block_mask import BlockMask
-from ..kernels import resolve_backend
-from ..kernels.reference import select_blocks, true_block_scores
+from ..kernels.reference import true_block_scores
 from .base import Method, check_fraction
 
 __all__ = ["Oracle"]
@@ -45,9 +43,6 @@ class Oracle(Method):
         """Oracle blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
 
         Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        _, _, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)
-        b = self.block_size
-        scores = true_block_scores(q, k, block_size=b, causal=causal, scale=scale)
-        mask = select_blocks(scores, float(self.threshold), q_len=lq, k_len=lk, block_size=b, causal=causal)
-        return BlockMask(mask, b, lq, lk, causal)
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        scores = true_block_scores(q, k, block_size=self.block_size, causal=causal, scale=scale)
+        return geo.block_mask(geo.select(scores, float(self.threshold)))

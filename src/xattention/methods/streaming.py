@@ -13,9 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_qkv
 from ..block_mask import BlockMask, causal_block_bounds
-from ..kernels import resolve_backend
 from .base import Method
 
 __all__ = ["Streaming", "streaming_pattern"]
@@ -75,9 +73,8 @@ class Streaming(Method):
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
     ) -> BlockMask:
         """The Λ pattern for q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``."""
-        bsz, hq, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)  # validates the name; the pattern needs no kernel
+        geo = self.geometry(q, k, causal=causal, backend=backend)  # validates the backend name; no kernel runs
         b = self.block_size
-        pattern = streaming_pattern(lq, lk, b, self.sink_blocks, self.local_blocks, q.device)
-        mask = pattern.expand(bsz, hq, *pattern.shape).contiguous()
-        return BlockMask(mask, b, lq, lk, causal)
+        pattern = streaming_pattern(geo.q_len, geo.k_len, b, self.sink_blocks, self.local_blocks, q.device)
+        mask = pattern.expand(geo.batch, geo.heads, *pattern.shape).contiguous()
+        return BlockMask(mask, b, geo.q_len, geo.k_len, causal)

@@ -13,10 +13,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_qkv
-from ..block_mask import BlockMask, causal_block_bounds
-from ..kernels import resolve_backend
-from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, forced_blocks
+from ..block_mask import BlockMask
+from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, cumulative_select
 from .base import Method, check_fraction
 
 __all__ = [
@@ -89,20 +87,11 @@ def last_queries_line_sums(
 def keep_top_lines(scores: Tensor, *, count: int | None = None, threshold: float | None = None) -> Tensor:
     """bool mask of the lines (last dim) to keep: the ``count`` highest, or the fewest whose sum reaches
     ``threshold x`` the total (exactly one of the two). Descending score, ties to the lower index; lines with zero
-    score are never kept (they carry no mass); ``threshold >= 1`` keeps every line with non-zero score."""
+    score are never kept (they carry no mass); ``threshold >= 1`` keeps every line with non-zero score
+    (:func:`~xattention.kernels.reference.cumulative_select` without forced lines)."""
     if (count is None) == (threshold is None):
         raise ValueError("give exactly one of count and threshold")
-    s = scores.to(torch.float64)
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    sorted_s = torch.gather(s, -1, order)
-    if count is not None:
-        keep_sorted = torch.arange(s.shape[-1], device=s.device) < count
-    else:
-        before = torch.cumsum(sorted_s, dim=-1) - sorted_s  # mass kept before adding this line
-        total = s.sum(dim=-1, keepdim=True)
-        keep_sorted = (before < threshold * total) | (threshold >= 1.0)
-    keep_sorted = keep_sorted & (sorted_s > 0)
-    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return cumulative_select(scores, threshold, count=count)
 
 
 def line_block_sums(
@@ -171,28 +160,12 @@ def _check_size(name: str, size: object) -> None:
 class VerticalSlash(Method):
     """MInference's vertical-slash pattern (arXiv:2407.02490, Sec. 3, vertical-slash head), as a block-granular cover.
 
-    Estimation: exact float32 softmax attention of the last ``last_q`` queries against all keys (causal), summed per key
-    column (vertical scores) and per diagonal offset ``o = query position - key position`` (slash scores). Selection:
-
-    * budget mode (default, ``threshold=None``): the ``vertical_size`` highest columns and ``slash_size`` highest
-      slash lines. A size is an int count or a float fraction of ``Lk`` (``0.01`` keeps 1% of the columns); ``0``
-      disables that part. The defaults 1000 / 6096 are MInference's vertical-slash defaults.
-    * mass mode (``threshold=τ``): the fewest columns holding ``τ`` of the vertical mass and, separately, the fewest
-      slash lines holding ``τ`` of the slash mass (the cumulative rule FlexPrefill uses for its vertical-slash heads);
-      the sizes are then ignored.
-
-    Lines with zero estimated mass are never kept. Block cover: block ``(r, c)`` is kept when it contains a kept column
-    or a kept slash passes through it (some query of row ``r`` and key of column ``c`` lie on it), plus, as in every
-    method here, the sink block and the diagonal block(s); nothing above the causal diagonal.
-
-    Cost of the cover: MInference's kernel computes exactly the kept columns and slashes at token level; a block kernel
-    must compute every block they touch. A scattered column costs a whole block column, a slash about two blocks per
-    row, so at the same budget the cover's density can be many times the token-level density (up to dense when the
-    budget spreads over every block); the attention mass kept is at least the token-level one. Exact token-level
-    slashes would need a token-granular kernel; the comparisons therefore quote density of the cover.
-
-    Differences from MInference: it always keeps the first 30 columns and the 100 nearest slashes; here the forced sink
-    and diagonal blocks play that role (they hold the first ``b`` columns and offsets ``0 … b-1`` of every row).
+    The exact attention of the last ``last_q`` queries, summed per key column (vertical) and per diagonal offset
+    (slash), picks lines: the ``vertical_size`` / ``slash_size`` highest (budget mode, ``threshold=None``; a size is an
+    int count or a float fraction of ``Lk``, ``0`` disables that part) or the fewest holding ``threshold`` of each mass
+    (mass mode). A block is kept when it contains a kept column or a kept slash passes through it, plus the sink and
+    diagonal blocks; lines with zero mass never count. ``docs/methods.md`` explains the cover, its cost against
+    MInference's token-level kernel, and the differences from MInference.
 
     Attributes:
         last_q: queries used for the estimate (default 64, as MInference).
@@ -223,9 +196,8 @@ class VerticalSlash(Method):
         """Block cover of the vertical-slash lines for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: ``[B, Hq, Qb, Kb]``.
 
         Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        _, _, _, lq, lk, _ = check_qkv(q, k)
-        resolve_backend(backend, q.device)
-        b = self.block_size
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        lq, lk, b = geo.q_len, geo.k_len, self.block_size
         vertical, slash = last_queries_line_sums(q, k, last_q=self.last_q, causal=causal, scale=scale)
         if self.threshold is not None:
             v_keep = keep_top_lines(vertical, threshold=float(self.threshold))
@@ -233,9 +205,4 @@ class VerticalSlash(Method):
         else:
             v_keep = keep_top_lines(vertical, count=line_count(self.vertical_size, lk))
             s_keep = keep_top_lines(slash, count=line_count(self.slash_size, lk))
-        cover = line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0
-        mask = cover | forced_blocks(lq, lk, b, q.device)
-        if causal:
-            _, hi = causal_block_bounds(lq, lk, b, q.device)
-            mask &= torch.arange(mask.shape[-1], device=q.device)[None, :] <= hi[:, None]
-        return BlockMask(mask, b, lq, lk, causal)
+        return geo.block_mask(line_block_sums(v_keep, s_keep, q_len=lq, k_len=lk, block_size=b) > 0)

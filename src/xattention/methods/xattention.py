@@ -8,9 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .._validation import check_qkv
 from ..block_mask import BlockMask
-from ..kernels import resolve_backend
 from .base import Method, check_fraction
 
 __all__ = ["XAttention"]
@@ -84,9 +82,9 @@ class XAttention(Method):
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
     ) -> BlockMask:
-        _, hq, hkv, lq, lk, _ = check_qkv(q, k)
-        thresholds = self.head_thresholds(hq, q.device)
-        on_triton = resolve_backend(backend, q.device) == "triton"
+        geo = self.geometry(q, k, causal=causal, backend=backend)
+        thresholds = self.head_thresholds(geo.heads, q.device)
+        on_triton = geo.backend == "triton"
         if on_triton:
             from ..kernels import ops
 
@@ -97,14 +95,12 @@ class XAttention(Method):
             scores = reference.antidiagonal_block_scores(
                 q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
             )
-        scores, thresholds = self.pool_kv_groups(scores, thresholds, hkv)
+        scores, thresholds = self.pool_kv_groups(scores, thresholds, geo.kv_heads)
         if on_triton:
-            mask = ops.select(scores, thresholds, lq, lk, self.block_size, causal)
+            mask = ops.select(scores, thresholds, geo.q_len, geo.k_len, self.block_size, causal)
         else:
-            mask = reference.select_blocks(
-                scores, thresholds, q_len=lq, k_len=lk, block_size=self.block_size, causal=causal
-            )
-        shared = hq // mask.shape[1]
+            mask = geo.select(scores, thresholds)
+        shared = geo.heads // mask.shape[1]
         if shared > 1:
             mask = mask.repeat_interleave(shared, dim=1)
-        return BlockMask(mask, self.block_size, lq, lk, causal, shared_heads=shared)
+        return BlockMask(mask, self.block_size, geo.q_len, geo.k_len, causal, shared_heads=shared)

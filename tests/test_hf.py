@@ -17,40 +17,19 @@ from xattention.integrations.hf import capture_qk, collected_stats, reset_stats
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_models import VOCAB, random_ids, tiny_gemma3, tiny_llama, tiny_mistral  # noqa: E402
+
 SEQ = 300  # 10 blocks of 32 (the last one ragged)
 BLOCK, STRIDE = 32, 4
-VOCAB = 128
 
 
 def xatt(threshold: float, **kw) -> xa.XAttention:
     return xa.XAttention(block_size=BLOCK, stride=STRIDE, threshold=threshold, min_seq_len=0, **kw)
 
 
-def _sharpen(model: torch.nn.Module) -> None:
-    """Scale q/k projections so random attention is peaked: block scores then differ clearly, and the low-tau selection
-    is not decided by last-bit ties (which would make padded-vs-single comparisons flaky)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-
-
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    _sharpen(model)
-    return model
+    return tiny_llama(layers=3, max_positions=1024)
 
 
 @pytest.fixture(autouse=True)
@@ -62,8 +41,7 @@ def _clean(request: pytest.FixtureRequest):
 
 
 def ids(length: int = SEQ, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
+    return random_ids(length, batch, seed)
 
 
 @torch.no_grad()
@@ -263,23 +241,8 @@ def test_import_registers_nothing() -> None:
 
 @pytest.fixture(scope="module")
 def gemma() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=64,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=1024,
-    )
-    model = transformers.Gemma3ForCausalLM(config).eval()
-    _sharpen(model)
-    return model
+    layers = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    return tiny_gemma3(layers, kv_heads=2, head_dim=16, sliding_window=64, max_positions=1024)
 
 
 def _spy_windows(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
@@ -316,21 +279,7 @@ def test_gemma3_local_layers_run_windowed_attention(gemma, monkeypatch: pytest.M
 
 @pytest.fixture(scope="module")
 def mistral() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=64,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
-    model = transformers.MistralForCausalLM(config).eval()
-    _sharpen(model)
-    return model
+    return tiny_mistral(sliding_window=64, max_positions=2048)
 
 
 def test_mistral_sliding_window_on_every_layer_runs_exactly(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -519,9 +468,7 @@ def test_dense_layers_run_fa4_dense_where_it_runs(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(hf, "fa4_usable", lambda device: True)
     monkeypatch.setattr(hf, "dense_attention", fake_fa4_dense)
     ids = torch.randint(1, VOCAB, (1, SEQ))
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)  # fmt: skip
-    llama = transformers.LlamaForCausalLM(config).eval()
+    llama = tiny_llama()  # its own: the module's fixture may be routed through the hook by earlier tests
     with torch.no_grad():
         want = llama(ids).logits
         assert calls == []

@@ -14,7 +14,8 @@ from xattention.integrations.hf import collected_stats, reset_stats
 
 transformers = pytest.importorskip("transformers")
 
-VOCAB = 128
+from tiny_models import VOCAB, random_ids, tiny_gemma3, tiny_llama  # noqa: E402
+
 LENGTH = 700
 
 
@@ -22,47 +23,15 @@ def xatt(threshold: float) -> xa.XAttention:
     return xa.XAttention(block_size=32, stride=4, threshold=threshold, min_seq_len=0)
 
 
-def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(6.0)
-    return model
-
-
 @pytest.fixture(scope="module")
 def llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=0,
-    )
-    return _sharpen(transformers.LlamaForCausalLM(config).eval())
+    return tiny_llama(layers=2, max_positions=2048)
 
 
 @pytest.fixture(scope="module")
 def gemma() -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,
-        sliding_window=48,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-        max_position_embeddings=2048,
-    )
-    return _sharpen(transformers.Gemma3ForCausalLM(config).eval())
+    layers = ["sliding_attention", "sliding_attention", "full_attention"]
+    return tiny_gemma3(layers, kv_heads=1, head_dim=32, sliding_window=48, max_positions=2048)
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +43,7 @@ def _clean(request: pytest.FixtureRequest):
 
 
 def ids(length: int = LENGTH, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(1, VOCAB, (batch, length), generator=g)
+    return random_ids(length, batch, seed)
 
 
 @torch.no_grad()

@@ -217,10 +217,12 @@ def test_capture_qk_returns_post_rope_keys(llama) -> None:
 def test_registered_name_works_in_from_config(llama) -> None:
     xa.register()
     xa.register()  # idempotent
-    model = transformers.LlamaForCausalLM._from_config(llama.config, attn_implementation="xattention")
+    # a copy: _from_config sets the implementation on the config it is given, which the fixture's model shares
+    model = transformers.LlamaForCausalLM._from_config(copy.deepcopy(llama.config), attn_implementation="xattention")
     model.load_state_dict(llama.state_dict())
     model.eval()
     assert model.config._attn_implementation == "xattention"
+    assert llama.config._attn_implementation == "sdpa"
     x = ids()
     # default XAttention(): min_seq_len 12288 > 300, so the dense path runs
     torch.testing.assert_close(logits(model, x), logits(llama, x), rtol=1e-5, atol=1e-5)
@@ -468,7 +470,7 @@ def test_dense_layers_run_fa4_dense_where_it_runs(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(hf, "fa4_usable", lambda device: True)
     monkeypatch.setattr(hf, "dense_attention", fake_fa4_dense)
     ids = torch.randint(1, VOCAB, (1, SEQ))
-    llama = tiny_llama()  # its own: the module's fixture may be routed through the hook by earlier tests
+    llama = tiny_llama()
     with torch.no_grad():
         want = llama(ids).logits
         assert calls == []

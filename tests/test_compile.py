@@ -73,3 +73,42 @@ def test_gpu_kernels_refuse_inputs_that_need_grad() -> None:
         xa.block_sparse_attention(q, k, v, mask, backend="triton")
     with torch.no_grad():
         xa.block_sparse_attention(q, k, v, mask, backend="triton")
+
+
+def test_fa4_dispatch_traces_fullgraph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FA4 branch of the dispatch (capability and install checks, refusal, the custom ops and their fakes) traces
+    without a graph break. FA4 is faked present, as a CUDA device of capability 9.0 whose kernels are the reference's."""
+    from xattention import kernels
+    from xattention.kernels import fa4, reference
+
+    def fake_sparse(q, k, v, mask, *, block_size, causal, scale, return_lse, shared_heads):
+        out, lse = reference.block_sparse_attention_lse(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
+        return out, lse
+
+    def fake_dense(q, k, v, *, causal=True, scale=None):
+        return xa.dense_attention(q, k, v, causal=causal, scale=scale, backend="sdpa")
+
+    monkeypatch.setattr(kernels, "fa4_usable", lambda device: True)
+    monkeypatch.setattr(kernels, "capability", lambda device: 90)
+    monkeypatch.setattr(fa4, "block_sparse_attention", fake_sparse)
+    monkeypatch.setattr(fa4, "dense_attention", fake_dense)
+    q, k, v = (t.to(torch.bfloat16).cpu() for t in _qkv(256, 256))
+    mask = xa.BlockMask(torch.rand(1, 4, 2, 2) < 0.7, 128, 256, 256)
+    attend = torch.compile(lambda q, k, v: xa.block_sparse_attention(q, k, v, mask, backend="fa4"), fullgraph=True)
+    dense = torch.compile(lambda q, k, v: xa.dense_attention(q, k, v, backend="fa4"), fullgraph=True)
+    torch.testing.assert_close(attend(q, k, v), xa.block_sparse_attention(q, k, v, mask, backend="reference"))
+    torch.testing.assert_close(dense(q, k, v), xa.dense_attention(q, k, v, backend="sdpa"))
+
+
+def test_capability_checks_trace_as_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compute-capability lookup is a constant under dynamo and compares like an int. (On the H200's torch 2.11 a
+    constant tuple could not be compared there, which failed the first compiled GPU run; torch 2.13 here compares
+    either, so this guards the int form rather than reproducing that failure.)"""
+    from xattention import kernels
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    device = torch.device("cuda", 0)
+    torch._dynamo.reset()
+    hopper = lambda: kernels.capability(device) >= 80 and kernels.capability(device) // 10 == 9  # noqa: E731
+    compiled = torch.compile(lambda x: x * (2 if hopper() else 3), fullgraph=True)
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))

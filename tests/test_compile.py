@@ -109,6 +109,6 @@ def test_capability_checks_trace_as_constants(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
     device = torch.device("cuda", 0)
     torch._dynamo.reset()
-    hopper = lambda: kernels.capability(device) >= 80 and kernels.capability(device) // 10 == 9  # noqa: E731
+    hopper = lambda: kernels.capability(device) >= 80 and kernels.capability(device) // 10 == 9
     compiled = torch.compile(lambda x: x * (2 if hopper() else 3), fullgraph=True)
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))

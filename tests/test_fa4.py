@@ -203,3 +203,19 @@ def test_block_sparse_lists_split_full_and_masked(monkeypatch: pytest.MonkeyPatc
                     assert t.full_block_idx[bi, h, r, : len(full)].tolist() == full
                     assert int(t.mask_block_cnt[bi, h, r]) == len(part) <= fa4.MAX_MASKED_PER_ROW
                     assert t.mask_block_idx[bi, h, r, : len(part)].tolist() == part
+
+
+def test_auto_picks_fa4_when_present_and_triton_when_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CUDA device of capability 9.0 (faked here): FA4 when it imports, Triton when it does not."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(kernels, "_installed", lambda module: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cuda = torch.device("cuda", 0)
+    attention = ("reference", "triton", "flex", "fa4")
+    monkeypatch.setattr(fa4, "fa4_available", lambda: True)
+    assert kernels.resolve_backend("auto", cuda, attention) == "fa4"
+    assert kernels.resolve_backend("auto", cuda) == "triton"  # selection has no FA4 kernel
+    monkeypatch.setattr(fa4, "fa4_available", lambda: False)
+    assert kernels.resolve_backend("auto", cuda, attention) == "triton"
+    with pytest.raises(ValueError, match="flash-attn-4"):
+        kernels.resolve_backend("fa4", cuda, attention)

@@ -90,6 +90,7 @@ def test_fa4_dispatch_traces_fullgraph(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(kernels, "fa4_usable", lambda device: True)
     monkeypatch.setattr(kernels, "capability", lambda device: 90)
+    monkeypatch.setattr(fa4, "capability", lambda device: 90)
     monkeypatch.setattr(fa4, "block_sparse_attention", fake_sparse)
     monkeypatch.setattr(fa4, "dense_attention", fake_dense)
     q, k, v = (t.to(torch.bfloat16).cpu() for t in _qkv(256, 256))

@@ -212,10 +212,10 @@ def test_auto_picks_fa4_when_present_and_triton_when_not(monkeypatch: pytest.Mon
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cuda = torch.device("cuda", 0)
     attention = ("reference", "triton", "flex", "fa4")
-    monkeypatch.setattr(fa4, "fa4_available", lambda: True)
+    monkeypatch.setattr(kernels, "fa4_available", lambda: True)
     assert kernels.resolve_backend("auto", cuda, attention) == "fa4"
     assert kernels.resolve_backend("auto", cuda) == "triton"  # selection has no FA4 kernel
-    monkeypatch.setattr(fa4, "fa4_available", lambda: False)
+    monkeypatch.setattr(kernels, "fa4_available", lambda: False)
     assert kernels.resolve_backend("auto", cuda, attention) == "triton"
     with pytest.raises(ValueError, match="flash-attn-4"):
         kernels.resolve_backend("fa4", cuda, attention)

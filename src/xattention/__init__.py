@@ -11,6 +11,7 @@ Importing the package does no work: no CUDA initialisation, no Triton compilatio
 
 from __future__ import annotations
 
+from ._version import __version__
 from .attention import block_sparse_attention, dense_attention, sparse_attention
 from .block_mask import BlockMask
 from .guard import AccuracyCheck, Tolerance, check_accuracy
@@ -31,8 +32,6 @@ from .methods import (
 from .metrics import attention_mass_kept
 from .thresholds import load_thresholds, save_thresholds
 from .window import sliding_window_attention
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MIN_SEQ_LEN",

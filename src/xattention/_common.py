@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-__all__ = ["attention_modules", "attention_scales", "clock", "device_of", "synchronize", "text_config"]
+__all__ = [
+    "attention_layers", "attention_modules", "attention_scales", "clock", "device_of", "eos_ids", "synchronize", "text_config",
+]
 
 
 def text_config(model: Any) -> Any:
@@ -22,6 +24,25 @@ def text_config(model: Any) -> Any:
 def attention_modules(model: Any) -> list[Any]:
     """Modules carrying an integer ``layer_idx`` (attention modules, and in some models their decoder layers)."""
     return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def attention_layers(model: Any) -> list[Any]:
+    """The model's attention modules proper (those whose class name says attention), in layer order."""
+    return [m for m in attention_modules(model) if "attention" in type(m).__name__.lower()]
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every end-of-sequence token id the tokenizer or the model's generation config names."""
+    ids: set[int] = set()
+    for value in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
 
 
 def attention_scales(model: Any) -> dict[int, float]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._common import attention_modules, synchronize, text_config
+from ._common import attention_layers, eos_ids, synchronize, text_config
 from .evaluation.prompts import (  # the demo's prompt and its text, under the names the demo has always exported
     NEEDLE_ANSWER_PREFIX as ANSWER_PREFIX,  # noqa: F401
 )
@@ -46,10 +46,6 @@ DEFAULT_GPU_LENGTH = 7800  # SmolLM2 was trained on 8K-token contexts
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _layer_modules(model: Any) -> list[Any]:
-    return [m for m in attention_modules(model) if "attention" in type(m).__name__.lower()]
-
-
 def _generate(
     model: Any, input_ids: Any, *, max_new_tokens: int, eos: set[int], progress: Any, task: Any
 ) -> tuple[list[int], float]:
@@ -60,7 +56,7 @@ def _generate(
     device = input_ids.device
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
-    hooks = [m.register_forward_hook(lambda *_: progress.advance(task)) for m in _layer_modules(model)]
+    hooks = [m.register_forward_hook(lambda *_: progress.advance(task)) for m in attention_layers(model)]
     try:
         with torch.no_grad():
             synchronize(device)
@@ -93,19 +89,6 @@ class Result:
     mass_kept: float
     prefill_s: float
     ttft_s: float | None = None  # best of the TTFT repeats (prefill + one decode step), when measured
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for value in (
-        getattr(tokenizer, "eos_token_id", None),
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-    ):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def run_demo(
@@ -166,7 +149,7 @@ def run_demo(
         ttft_repeats,
     )
     q, k = captured[layer]
-    scale = next((m.scaling for m in _layer_modules(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
+    scale = next((m.scaling for m in attention_layers(model) if m.layer_idx == layer and hasattr(m, "scaling")), None)
     heat = _heatmap(q, k, method, layer=layer, head=head, scale=scale, needle_token=prompt.needle_token, out=Path(out))
     console.print(
         f"heatmap of layer {layer}, head {head} (dense q/k): density {heat['density']:.3f}, mass kept "
@@ -212,8 +195,8 @@ def _answer_both(
     from .methods import Dense
 
     device = input_ids.device
-    eos = _eos_ids(model, tokenizer)
-    n_layers = len(_layer_modules(model))
+    eos = eos_ids(model, tokenizer)
+    n_layers = len(attention_layers(model))
     results: list[Result] = []
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     try:

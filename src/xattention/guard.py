@@ -271,7 +271,7 @@ class AccuracyCheck:
 
 
 def _versions() -> dict[str, str | None]:
-    from . import __version__
+    from ._version import __version__
 
     try:
         import transformers

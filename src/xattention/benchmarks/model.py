@@ -1,6 +1,6 @@
 """``xattention bench model``: time to first token (TTFT) and peak memory of a Hugging Face model, dense vs XAttention.
 
-One prompt per length: the demo's passkey prompt (:func:`xattention.demo.build_prompt`, RULER's needle in its noise
+One prompt per length: the demo's passkey prompt (:func:`xattention.evaluation.prompts.needle_prompt`, RULER's needle in its noise
 haystack) for real models, seeded random token ids for ``llama-8b-random``. Configurations (``--methods``):
 
 * ``sdpa`` (alias ``dense``): the model as loaded, transformers' own SDPA attention, no xattention hook;
@@ -446,9 +446,9 @@ def make_prompt(
     if tokenizer is None:
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(0, vocab_size, (1, length), generator=generator), None
-    from ..demo import build_prompt
+    from ..evaluation.prompts import needle_prompt
 
-    prompt = build_prompt(tokenizer, length - answer_tokens - PROMPT_SLACK, depth=depth, seed=seed)
+    prompt = needle_prompt(tokenizer, length - answer_tokens - PROMPT_SLACK, depth=depth, seed=seed)
     return prompt.input_ids, prompt.passkey
 
 
@@ -541,7 +541,7 @@ def load_bench_model(name: str, *, device: torch.device, dtype: str) -> tuple[An
 
 
 def _model_info(model: Any) -> dict[str, Any]:
-    from ..demo import _layer_modules
+    from .._common import attention_layers
 
     text = _text_config(model)
     heads = int(text.num_attention_heads)
@@ -552,7 +552,7 @@ def _model_info(model: Any) -> dict[str, Any]:
         "kv_heads": int(getattr(text, "num_key_value_heads", None) or heads),
         "head_dim": int(getattr(text, "head_dim", None) or text.hidden_size // heads),
         "hidden_size": int(text.hidden_size),
-        "sliding_window_layers": sum(getattr(m, "sliding_window", None) is not None for m in _layer_modules(model)),
+        "sliding_window_layers": sum(getattr(m, "sliding_window", None) is not None for m in attention_layers(model)),
         "parameters": sum(p.numel() for p in model.parameters()),
         "trained_context": trained_context(model),
         "attn_implementation": model.config._attn_implementation,
@@ -614,7 +614,7 @@ def _answer_and_density(
     model: Any, tokenizer: Any, ids: Tensor, passkey: str | None, config: BenchConfig, settings: Settings
 ) -> tuple[str | None, list[float | None]]:
     """Greedy answer (``None`` without a passkey) and per-layer block density of one prefill with ``record_stats``."""
-    from ..demo import _eos_ids
+    from .._common import eos_ids
     from ..integrations import hf
 
     sparse = config.method is not None and not isinstance(config.method, Dense)
@@ -622,7 +622,7 @@ def _answer_and_density(
         return None, []  # nothing to check and density 1 by construction
     with applied(model, config.method, record_stats=sparse):
         tokens = greedy_answer(model, ids, max_new_tokens=settings.answer_tokens if passkey else 1,
-                               eos=_eos_ids(model, tokenizer) if tokenizer is not None else set())  # fmt: skip
+                               eos=eos_ids(model, tokenizer) if tokenizer is not None else set())  # fmt: skip
         stats = hf.collected_stats(model) if sparse else []
     answer = tokenizer.decode(tokens, skip_special_tokens=True).strip() if passkey is not None else None
     return answer, [s["density"] for s in stats if s["q_len"] > 1]

@@ -5,12 +5,16 @@ Nothing here imports Triton at import time; :func:`resolve_backend` picks an imp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 
 import torch
 
-__all__ = ["BACKENDS", "capability", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
+__all__ = ["BACKENDS", "capability", "fa4_available", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
 
@@ -51,12 +55,24 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
     return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 
+@torch.compiler.assume_constant_result
+@functools.cache
+def fa4_available() -> bool:
+    """``flash_attn.cute`` (package ``flash-attn-4``) can be imported."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        from flash_attn.cute import flash_attn_func  # noqa: F401
+    except Exception as exc:  # a broken or partial install must not break the library: Triton takes over
+        logger.info("flash_attn.cute present but not importable (%s): FlashAttention-4 backend off", exc)
+        return False
+    return True
+
+
 def fa4_usable(device: torch.device) -> bool:
     """FlashAttention-4 runs on ``device``: CUDA compute capability 9.x-11.x and ``flash_attn.cute`` importable."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    from .fa4 import fa4_available
-
     return capability(device) // 10 in (9, 10, 11) and fa4_available()
 
 

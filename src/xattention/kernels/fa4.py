@@ -11,27 +11,24 @@ Nothing here imports ``flash_attn`` at import time.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import logging
 import math
 
 import torch
 from torch import Tensor
 
 from ..block_mask import causal_block_bounds, full_block_limit
+from . import capability
+from . import fa4_usable as usable_on
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_tensors",
     "dense_attention",
-    "fa4_available",
     "fa4_usable",
     "refusal",
     "window_attention",
 ]
 
-logger = logging.getLogger(__name__)
 
 # FA4's Hopper/Blackwell forward tiles are 128 x 128 at head dims <= 128; its block-sparse path needs the sparse KV block
 # to equal the tile (sm90), so block-sparse runs at block_size 128 only.
@@ -41,24 +38,8 @@ FA4_BLOCK = 128
 MAX_MASKED_PER_ROW = 2
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
-def fa4_available() -> bool:
-    """``flash_attn.cute`` (package ``flash-attn-4``) can be imported."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        from flash_attn.cute import flash_attn_func  # noqa: F401
-    except Exception as exc:  # a broken or partial install must not break the library: Triton takes over
-        logger.info("flash_attn.cute present but not importable (%s): FlashAttention-4 backend off", exc)
-        return False
-    return True
-
-
 def fa4_usable(t: Tensor) -> bool:
     """FA4 can run on ``t``'s device (see :func:`xattention.kernels.fa4_usable`)."""
-    from . import fa4_usable as usable_on
-
     return usable_on(t.device)
 
 
@@ -66,8 +47,6 @@ def refusal(q: Tensor, k: Tensor, *, block_size: int | None = None) -> str | Non
     """Why FA4 would refuse these inputs (``None`` when it takes them): dtype, head dim, and for block-sparse
     (``block_size`` given) the block geometry. The checks FA4's interface makes, made before calling it, from shapes
     and dtypes alone (so they trace under ``torch.compile``)."""
-    from . import capability
-
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (FA4 takes float16/bfloat16)"
     d = q.shape[-1]

@@ -10,7 +10,15 @@ import time
 from typing import Any
 
 __all__ = [
-    "attention_layers", "attention_modules", "attention_scales", "clock", "device_of", "eos_ids", "synchronize", "text_config",
+    "all_configs",
+    "attention_layers",
+    "attention_modules",
+    "attention_scales",
+    "clock",
+    "device_of",
+    "eos_ids",
+    "synchronize",
+    "text_config",
 ]
 
 
@@ -24,6 +32,22 @@ def text_config(model: Any) -> Any:
 def attention_modules(model: Any) -> list[Any]:
     """Modules carrying an integer ``layer_idx`` (attention modules, and in some models their decoder layers)."""
     return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+
+
+def all_configs(model: Any) -> list[Any]:
+    """Every config object in the model: the top config, its sub-configs (recursively) and every sub-model's config."""
+    seen: dict[int, Any] = {}
+    stack = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
+    while stack:
+        config = stack.pop()
+        if id(config) in seen:
+            continue
+        seen[id(config)] = config
+        for key in getattr(config, "sub_configs", {}) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                stack.append(sub)
+    return list(seen.values())
 
 
 def attention_layers(model: Any) -> list[Any]:

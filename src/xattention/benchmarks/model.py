@@ -336,9 +336,9 @@ def _profiling(model: Any, method: Method | None, log: _StageLog) -> Iterator[No
     call) and ``type(method).estimate`` record into ``log``; both are restored afterwards."""
     from transformers.modeling_utils import AttentionInterface
 
-    from ..integrations.hf import _all_configs
+    from .._common import all_configs
 
-    names = {c._attn_implementation for c in _all_configs(model)} & set(AttentionInterface._global_mapping)
+    names = {c._attn_implementation for c in all_configs(model)} & set(AttentionInterface._global_mapping)
     if not names:
         logger.warning("attention implementation %s is not in the AttentionInterface: attention counts as 'rest'",
                        model.config._attn_implementation)  # fmt: skip

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._common import attention_modules, text_config
+from .._common import all_configs, attention_modules, text_config
 from ..attention import block_sparse_attention, dense_attention, sparse_attention
 from ..block_mask import BlockMask
 from ..kernels import fa4_usable
@@ -361,22 +361,6 @@ def xattention_attention_forward(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _all_configs(model: torch.nn.Module) -> list[Any]:
-    """Every config object in the model: the top config, its sub-configs (recursively) and every sub-model's config."""
-    seen: dict[int, Any] = {}
-    stack = [model.config] + [m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "to_dict")]
-    while stack:
-        config = stack.pop()
-        if id(config) in seen:
-            continue
-        seen[id(config)] = config
-        for key in getattr(config, "sub_configs", {}) or {}:
-            sub = getattr(config, key, None)
-            if sub is not None:
-                stack.append(sub)
-    return list(seen.values())
-
-
 def _check_supported(model: Any) -> None:
     name = type(model).__name__
     if not hasattr(model, "config") or not isinstance(model, torch.nn.Module):
@@ -460,7 +444,7 @@ def apply(
 
     register()
     old: ModelState | None = getattr(model, STATE_ATTR, None)
-    previous = old.previous if old is not None else [(c, c._attn_implementation) for c in _all_configs(model)]
+    previous = old.previous if old is not None else [(c, c._attn_implementation) for c in all_configs(model)]
     state = ModelState(previous=previous, record_stats=record_stats, record_mass=record_mass)
     modules = attention_modules(model)
     if not modules:

@@ -120,8 +120,10 @@ def test_invalid_arguments_raise() -> None:
 
 
 def _fa4_or_skip(q: torch.Tensor):
-    fa4 = pytest.importorskip("xattention.kernels.fa4")
-    if not fa4.fa4_usable(q):
+    from xattention import kernels
+    from xattention.kernels import fa4
+
+    if not kernels.fa4_usable(q.device):
         pytest.skip("FlashAttention-4 is not usable on this GPU / install")
     return fa4
 
@@ -141,3 +143,18 @@ def test_fa4_window_matches_reference_bf16(shape: tuple, window: int) -> None:
     assert (out.float() - expected).abs().max() <= 2 * (plain.float() - expected).abs().max() + 1e-3
     auto = xa.sliding_window_attention(q, k, v, window=window)
     torch.testing.assert_close(auto, out, rtol=0, atol=0)
+
+
+def test_auto_runs_the_reference_where_fa4_refuses_the_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 where the dispatch picks FA4 (faked here: a CUDA device of capability 9.0): FA4's window kernel takes only
+    fp16/bf16, so the reference answers instead of FA4 failing."""
+    from xattention import window
+    from xattention.kernels import fa4
+    from xattention.kernels.window import window_attention
+
+    monkeypatch.setattr(window, "resolve_backend", lambda backend, device, supported: "fa4")
+    monkeypatch.setattr(fa4, "capability", lambda device: 90)
+    monkeypatch.setattr(fa4, "window_attention", lambda *a, **kw: pytest.fail("FA4 must not get fp32 inputs"))
+    q, k, v = (torch.randn(1, 2, 100, 32) for _ in range(3))
+    got = xa.sliding_window_attention(q, k, v, window=16)
+    assert torch.equal(got, window_attention(q, k, v, window=16))

@@ -12,7 +12,7 @@ from torch import Tensor
 from ._logging import warn_once
 from ._validation import check_qkv
 from .block_mask import BlockMask
-from .kernels import fa4, ops, resolve_backend, triton_usable
+from .kernels import fa4, ops, resolve_backend
 from .methods.base import Method
 from .methods.dense import Dense
 
@@ -21,12 +21,12 @@ __all__ = ["block_sparse_attention", "dense_attention", "sparse_attention"]
 logger = logging.getLogger(__name__)
 
 
-def _portable_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and triton_usable(device) else "reference"
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_no_grad(*tensors: Tensor, backend: str) -> None:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if _needs_grad(*tensors):
         raise ValueError(
             f"backend={backend!r} is forward-only (prefill): run under torch.no_grad(), or use backend='reference' "
             "(PyTorch ops, differentiable) or 'flex' for gradients"
@@ -50,7 +50,7 @@ def dense_attention(
         raise ValueError(f"dense_attention backend must be 'auto', 'fa4' or 'sdpa', got {backend!r}")
     if backend != "sdpa" and resolve_backend(backend, q.device, supported=("reference", "fa4")) == "fa4":
         reason = fa4.refusal(q, k)
-        if reason is None and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        if reason is None and not _needs_grad(q, k, v):
             return ops.fa4_dense_attention(q, k, v, causal, scale).transpose(1, 2)
         warn_once(logger, f"FlashAttention-4 dense takes no {reason or 'gradients here'}: dense attention runs through SDPA")
     mask: Tensor | None = None

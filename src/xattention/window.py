@@ -7,31 +7,19 @@ no block selection: their window already bounds the work, so they run exact wind
 
 from __future__ import annotations
 
-from types import ModuleType
+import logging
 
 from torch import Tensor
 
+from ._logging import warn_once
 from ._validation import check_qkv
+from .kernels import fa4, resolve_backend
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["WINDOW_BACKENDS", "sliding_window_attention"]
 
 WINDOW_BACKENDS = ("auto", "fa4", "reference")
-
-
-def _fa4() -> ModuleType | None:
-    """:mod:`xattention.kernels.fa4`, or ``None`` where it (or the flash-attn-4 package under it) cannot be imported."""
-    try:
-        from .kernels import fa4
-    except ImportError:
-        return None
-    return fa4
-
-
-def _fa4_usable(q: Tensor) -> bool:
-    if q.device.type != "cuda":  # never import FA4 (or touch CUDA) for CPU tensors
-        return False
-    fa4 = _fa4()
-    return fa4 is not None and bool(fa4.fa4_usable(q))
 
 
 def sliding_window_attention(
@@ -51,7 +39,7 @@ def sliding_window_attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         backend: ``"fa4"`` (:func:`xattention.kernels.fa4.window_attention`, CUDA), ``"reference"`` (portable, exact,
             ``O(Lq·(w + C))`` memory, see :func:`xattention.kernels.window.window_attention`) or ``"auto"`` (FA4 where
-            ``fa4_usable(q)``, else the reference).
+            it runs, else the reference). Inputs FA4 refuses (fp32, an odd head dim) run the reference, logged once.
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype.
     """
@@ -60,15 +48,11 @@ def sliding_window_attention(
         raise ValueError(f"window must be an int >= 1, got {window!r}")
     if backend not in WINDOW_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {WINDOW_BACKENDS}")
-    if backend == "auto":
-        backend = "fa4" if _fa4_usable(q) else "reference"
-    if backend == "fa4":
-        fa4 = _fa4()
-        if fa4 is None or q.device.type != "cuda":
-            raise ValueError(
-                f"backend='fa4' needs a CUDA device and xattention.kernels.fa4 (the flash-attn-4 package); got {q.device}"
-            )
-        return fa4.window_attention(q, k, v, window=window, scale=scale)
+    if resolve_backend(backend, q.device, supported=WINDOW_BACKENDS[1:]) == "fa4":
+        reason = fa4.refusal(q, k)
+        if reason is None:
+            return fa4.window_attention(q, k, v, window=window, scale=scale)
+        warn_once(logger, f"FlashAttention-4 refuses {reason}: sliding-window attention runs the PyTorch reference")
     from .kernels.window import window_attention
 
     return window_attention(q, k, v, window=window, scale=scale)

@@ -560,23 +560,10 @@ def _model_info(model: Any) -> dict[str, Any]:
 
 
 def fa4_status(device: torch.device) -> dict[str, Any]:
-    """Whether ``xattention.kernels.fa4`` imports and reports FlashAttention-4 usable on ``device`` (a diagnostic: any
-    failure is recorded, never raised)."""
-    try:
-        from ..kernels import fa4  # type: ignore[attr-defined]
-    except ImportError as exc:
-        return {"module": False, "usable": False, "reason": str(exc)}
-    usable = getattr(fa4, "fa4_usable", None)
-    if usable is None:
-        return {"module": True, "usable": None, "reason": "xattention.kernels.fa4 has no fa4_usable"}
-    try:
-        try:
-            ok = usable(device)
-        except TypeError:
-            ok = usable()
-    except Exception as exc:  # a diagnostic must not stop the benchmark
-        return {"module": True, "usable": None, "reason": f"fa4_usable raised {exc!r}"}
-    return {"module": True, "usable": bool(ok)}
+    """Whether FlashAttention-4 runs on ``device`` (the backend ``auto`` then picks for attention)."""
+    from ..kernels import fa4_usable
+
+    return {"module": True, "usable": fa4_usable(device)}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -18,13 +18,11 @@ from torch import Tensor
 
 from ..block_mask import causal_block_bounds, full_block_limit
 from . import capability
-from . import fa4_usable as usable_on
 
 __all__ = [
     "block_sparse_attention",
     "block_sparse_tensors",
     "dense_attention",
-    "fa4_usable",
     "refusal",
     "window_attention",
 ]
@@ -36,11 +34,6 @@ FA4_BLOCK = 128
 # Most mask-list entries a row can have: the one or two blocks holding its own positions (two when k_len - q_len is not
 # a multiple of the block) -- the padded last block is always one of them or full-limit + 1.
 MAX_MASKED_PER_ROW = 2
-
-
-def fa4_usable(t: Tensor) -> bool:
-    """FA4 can run on ``t``'s device (see :func:`xattention.kernels.fa4_usable`)."""
-    return usable_on(t.device)
 
 
 def refusal(q: Tensor, k: Tensor, *, block_size: int | None = None) -> str | None:

@@ -381,18 +381,7 @@ def test_compiled_decode_recompiles_no_more_than_dense(monkeypatch: pytest.Monke
     """Issue 17: a graph break in every layer's prefill made dynamo compile each layer's frames apart (and every model
     forward sharing transformers' deprecation wrapper), so decode ran into the recompile limit. Now the compiled
     prefill traces the sparse path whole and a compiled xattention model compiles no more frames than a dense one."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2, max_positions=1024)
     x = ids(length=100)
     _, dense_frames, dense_breaks = _compiled_generate(model, x)
     xa.apply(model, xatt(0.9))

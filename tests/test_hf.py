@@ -126,9 +126,22 @@ def test_chunked_prefill_uses_bottom_right_alignment(llama) -> None:
     assert [(s["q_len"], s["k_len"]) for s in collected_stats(llama)[3:]] == [(100, 300)] * 3
 
 
+def _spy_sparse(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, tuple[int, ...] | None]]:
+    """Record (B, L, lengths) of every call the hook makes to sparse_attention."""
+    calls: list[tuple[int, int, tuple[int, ...] | None]] = []
+    real = hf.sparse_attention
+
+    def spy(q, k, v, method, **kw):
+        calls.append((q.shape[0], q.shape[2], kw.get("lengths")))
+        return real(q, k, v, method, **kw)
+
+    monkeypatch.setattr(hf, "sparse_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("threshold", [1.0, 0.5])
-def test_padded_batch_equals_single_runs(llama, side: str, threshold: float) -> None:
+def test_padded_batch_equals_single_runs(llama, side: str, threshold: float, monkeypatch: pytest.MonkeyPatch) -> None:
     lengths = [SEQ, 200, 77]
     seqs = [ids(length=n, seed=10 + i) for i, n in enumerate(lengths)]
     xa.apply(llama, xatt(threshold), record_stats=True, record_mass=True)
@@ -143,7 +156,9 @@ def test_padded_batch_equals_single_runs(llama, side: str, threshold: float) -> 
         cols = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
         batch[b, cols], mask[b, cols] = s[0], 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    calls = _spy_sparse(monkeypatch)
     out = logits(llama, batch, attention_mask=mask, position_ids=position_ids)
+    assert calls == [(len(seqs), SEQ, tuple(lengths))] * 3  # one call per layer, on the right-aligned batch
     for b, n in enumerate(lengths):
         cols = slice(SEQ - n, SEQ) if side == "left" else slice(0, n)
         torch.testing.assert_close(out[b, cols], singles[b], rtol=2e-4, atol=2e-4)
@@ -299,26 +314,30 @@ def test_mistral_sliding_window_on_every_layer_runs_exactly(mistral, monkeypatch
     assert torch.equal(mistral.generate(x[:, :200], **kw), expected)
 
 
-def test_padded_sliding_layers_fall_back_and_match_single_runs(mistral, monkeypatch: pytest.MonkeyPatch) -> None:
-    lengths = [200, 150]
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_sliding_layers_run_windowed_in_one_call(mistral, monkeypatch: pytest.MonkeyPatch, side: str) -> None:
+    """A padded batch through sliding-window layers: one windowed call per layer on the right-aligned batch (was
+    transformers' SDPA with its [B, 1, L, L] mask), each element's logits those of its single run."""
+    lengths = [200, 150, 90]
     seqs = [ids(length=n, seed=20 + i) for i, n in enumerate(lengths)]
     xa.apply(mistral, xatt(0.5))
     singles = [logits(mistral, s)[0] for s in seqs]
     calls = _spy_windows(monkeypatch)
-    batch = torch.zeros(2, 200, dtype=torch.long)
-    mask = torch.zeros(2, 200, dtype=torch.long)
-    for b, (s, n) in enumerate(zip(seqs, lengths, strict=True)):
-        batch[b, 200 - n :], mask[b, 200 - n :] = s[0], 1
+    batch = torch.zeros(3, 210, dtype=torch.long)
+    mask = torch.zeros(3, 210, dtype=torch.long)
+    cols = [slice(210 - n, 210) if side == "left" else slice(0, n) for n in lengths]
+    for b, s in enumerate(seqs):
+        batch[b, cols[b]], mask[b, cols[b]] = s[0], 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     out = logits(mistral, batch, attention_mask=mask, position_ids=position_ids)
-    assert calls == []  # padding: transformers' SDPA ran with its own mask
-    for b, n in enumerate(lengths):
-        torch.testing.assert_close(out[b, 200 - n :], singles[b], rtol=2e-4, atol=2e-4)
+    assert calls == [(200, 200, 64)] * 2  # width of the right-aligned batch: the longest element
+    for b in range(3):
+        torch.testing.assert_close(out[b, cols[b]], singles[b], rtol=2e-4, atol=2e-4)
 
 
 def test_mask_is_read_once_per_forward(gemma, monkeypatch: pytest.MonkeyPatch) -> None:
     """One device read per mask tensor, not per layer: gemma-3 builds one full and one sliding mask per forward."""
-    counts = {"real_spans": 0, "is_plain_window": 0}
+    counts = {"real_spans": 0}
     for name in counts:
         real = getattr(hf, name)
 
@@ -332,9 +351,9 @@ def test_mask_is_read_once_per_forward(gemma, monkeypatch: pytest.MonkeyPatch) -
     mask[1, :50] = 0
     xa.apply(gemma, xatt(0.5))
     logits(gemma, x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-    assert counts == {"real_spans": 1, "is_plain_window": 1}
+    assert counts == {"real_spans": 2}  # the full and the sliding mask
     logits(gemma, x[:1])  # no padding: the full layers' mask is None, only the sliding mask is read
-    assert counts == {"real_spans": 1, "is_plain_window": 2}
+    assert counts == {"real_spans": 3}
 
 
 def test_gemma2_soft_capping_runs_transformers_eager_attention() -> None:
@@ -468,7 +487,11 @@ def test_dense_layers_run_fa4_dense_where_it_runs(monkeypatch: pytest.MonkeyPatc
         assert len(calls) == 3  # one prefill call per layer
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         calls.clear()
-        padded = torch.cat([torch.zeros(1, 20, dtype=torch.long), ids[:, :280]], dim=1)
-        llama(padded, attention_mask=(padded != 0).long())
-        assert calls == []
+        # a padded batch: one call per layer on the right-aligned batch, each element as alone
+        padded = torch.cat([torch.cat([torch.zeros(1, 20, dtype=torch.long), ids[:, :280]], dim=1), ids])
+        mask = (padded != 0).long()
+        got = llama(padded, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        assert calls == [(2, 4, SEQ, 16)] * 3
+        torch.testing.assert_close(got[0, 20:], llama(ids[:, :280]).logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], want[0], atol=1e-5, rtol=1e-5)
     xa.remove(llama)

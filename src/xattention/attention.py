@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Literal, overload
 
 import torch
@@ -11,7 +13,7 @@ from torch import Tensor
 
 from ._logging import warn_once
 from ._validation import check_qkv
-from .block_mask import BlockMask
+from .block_mask import BlockMask, check_lengths
 from .kernels import fa4, ops, resolve_backend
 from .methods.base import Method
 from .methods.dense import Dense
@@ -143,6 +145,7 @@ def sparse_attention(
     causal: bool = ...,
     scale: float | None = ...,
     backend: str = ...,
+    lengths: Sequence[int] | None = ...,
     return_mask: Literal[False] = ...,
 ) -> Tensor: ...
 
@@ -157,6 +160,7 @@ def sparse_attention(
     causal: bool = ...,
     scale: float | None = ...,
     backend: str = ...,
+    lengths: Sequence[int] | None = ...,
     return_mask: Literal[True],
 ) -> tuple[Tensor, BlockMask | None]: ...
 
@@ -170,26 +174,51 @@ def sparse_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    lengths: Sequence[int] | None = None,
     return_mask: bool = False,
 ) -> Tensor | tuple[Tensor, BlockMask | None]:
-    """Select blocks with ``method`` and attend over them; dense SDPA when ``Lk < method.min_seq_len`` or the method is
-    :class:`Dense`, so short inputs never pay for selection.
+    """Select blocks with ``method`` and attend over them; dense attention when ``Lk < method.min_seq_len`` or the
+    method is :class:`Dense`, so short inputs never pay for selection.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``.
         method: any :class:`~xattention.methods.base.Method`.
+        lengths: a right-padded batch (``Lq == Lk``, causal): element ``b``'s tokens are positions
+            ``0 … lengths[b]-1``, the rest padding. Each element gets what it would get alone (selection on its real
+            tokens, dense below ``min_seq_len``) with one launch per stage for the whole batch; padding rows get zeros.
         return_mask: also return the :class:`BlockMask` used (``None`` when the dense path ran).
     Returns:
         ``[B, Hq, Lq, D]``, or ``(out, mask)`` with ``return_mask=True``.
     """
     if not isinstance(method, Method):
         raise ValueError(f"method must be an xattention method (e.g. xa.XAttention()), got {type(method).__name__}")
-    _, _, _, _, lk, _ = check_qkv(q, k, v)
+    bsz, _, _, lq, lk, _ = check_qkv(q, k, v)
+    dense_backend = {"auto": "auto", "fa4": "fa4"}.get(backend, "sdpa")
+    estimate_backend = "auto" if backend in ("flex", "fa4") else backend
+    if lengths is not None:
+        lens = check_lengths(lengths, bsz, lq, lk, causal)
+        long = [n >= method.min_seq_len for n in lens]
+        mask = None
+        if isinstance(method, Dense) or not any(long):
+            out = dense_attention(q, k, v, scale=scale, backend=dense_backend)
+        else:
+            mask = _dense_rows(method.estimate_padded(q, k, lens, scale=scale, backend=estimate_backend), long)
+            out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
+        positions = torch.arange(lq, device=q.device)
+        out = out.masked_fill((positions >= torch.tensor(lens).to(q.device, non_blocking=True)[:, None])[:, None, :, None], 0)
+        return (out, mask) if return_mask else out
     if isinstance(method, Dense) or lk < method.min_seq_len:
-        dense_backend = {"auto": "auto", "fa4": "fa4"}.get(backend, "sdpa")
         out = dense_attention(q, k, v, causal=causal, scale=scale, backend=dense_backend)
         return (out, None) if return_mask else out
-    estimate_backend = "auto" if backend in ("flex", "fa4") else backend
     mask = method.estimate(q, k, causal=causal, scale=scale, backend=estimate_backend)
     out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
     return (out, mask) if return_mask else out
+
+
+def _dense_rows(mask: BlockMask, sparse: list[bool]) -> BlockMask:
+    """``mask`` with every visible block kept for the batch elements whose ``sparse`` is False (dense, as alone)."""
+    if all(sparse):
+        return mask
+    dense = torch.tensor([not s for s in sparse]).to(mask.mask.device, non_blocking=True)[:, None, None, None]
+    rows = torch.where(dense, mask.visible_per_element()[:, None], mask.mask)
+    return dataclasses.replace(mask, mask=rows)

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockMask", "block_indices", "causal_block_bounds", "forced_blocks", "full_block_limit", "visible_blocks"]
+__all__ = [
+    "BlockMask",
+    "block_indices",
+    "causal_block_bounds",
+    "check_lengths",
+    "forced_blocks",
+    "full_block_limit",
+    "visible_blocks",
+]
 
 
 def causal_block_bounds(
@@ -105,6 +113,23 @@ def full_block_limit(
     return limit
 
 
+def check_lengths(lengths: object, batch: int, q_len: int, k_len: int, causal: bool = True) -> tuple[int, ...]:
+    """The per-element token counts of a right-padded batch as a tuple of ints; ``ValueError`` unless there is one
+    int in ``[0, q_len]`` per batch element, ``q_len == k_len`` and attention is causal."""
+    if isinstance(lengths, Tensor):
+        lengths = lengths.tolist()
+    if not isinstance(lengths, (list, tuple)) or len(lengths) != batch:
+        raise ValueError(f"lengths must be a sequence of {batch} ints (one per batch element), got {lengths!r}")
+    if any(isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= q_len for n in lengths):
+        raise ValueError(f"lengths must be ints in [0, {q_len}], got {list(lengths)}")
+    if q_len != k_len or not causal:
+        raise ValueError(
+            f"lengths (a right-padded batch) need causal attention with as many queries as keys, got q_len={q_len}, "
+            f"k_len={k_len}, causal={causal}"
+        )
+    return tuple(lengths)
+
+
 @dataclass(frozen=True)
 class BlockMask:
     """Boolean block mask ``[B, Hq, Qb, Kb]`` plus the geometry needed to interpret it.
@@ -117,6 +142,9 @@ class BlockMask:
         causal: whether token-level causal masking applies inside the kept blocks.
         shared_heads: a promise that every ``shared_heads`` consecutive heads hold the same mask (a GQA-shared mask);
             kernels may then load each K/V block once for the group. 1 (default) promises nothing.
+        lengths: ``None``, or for a right-padded batch (``q_len == k_len``, causal) each element's token count: its
+            positions ``lengths[b]`` onward are padding, its block rows past them are empty, and :meth:`density` counts
+            only the blocks its real tokens can see.
     """
 
     mask: Tensor
@@ -125,6 +153,7 @@ class BlockMask:
     k_len: int
     causal: bool = True
     shared_heads: int = 1
+    lengths: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool:
@@ -147,6 +176,8 @@ class BlockMask:
                 f"BlockMask.mask has {tuple(self.mask.shape[2:])} blocks but q_len={self.q_len}, k_len={self.k_len}, "
                 f"block_size={self.block_size} need (Qb, Kb) = {expected}"
             )
+        if self.lengths is not None:
+            check_lengths(self.lengths, self.mask.shape[0], self.q_len, self.k_len, self.causal)
 
     @property
     def num_q_blocks(self) -> int:
@@ -164,11 +195,20 @@ class BlockMask:
         """bool ``[Qb, Kb]``: blocks holding at least one causally visible (query, key) pair (all blocks if not causal)."""
         return visible_blocks(self.q_len, self.k_len, self.block_size, self.mask.device, causal=self.causal)
 
+    def visible_per_element(self) -> Tensor:
+        """bool ``[B, Qb, Kb]`` (``[1, Qb, Kb]`` without ``lengths``): the blocks each element's real tokens can see."""
+        vis = self.visible()[None]
+        if self.lengths is None:
+            return vis
+        rows = torch.tensor([-(-n // self.block_size) for n in self.lengths]).to(vis.device, non_blocking=True)
+        return vis & (torch.arange(vis.shape[1], device=vis.device)[None, :] < rows[:, None])[:, :, None]
+
     def density_per_head(self) -> Tensor:
-        """float ``[B, Hq]``: kept visible blocks over visible blocks."""
-        vis = self.visible()
-        kept = (self.mask & vis).sum(dim=(-1, -2)).to(torch.float64)
-        return (kept / vis.sum()).to(torch.float32)
+        """float ``[B, Hq]``: kept visible blocks over visible blocks (0 for an element with no real token)."""
+        vis = self.visible_per_element()
+        kept = (self.mask & vis[:, None]).sum(dim=(-1, -2)).to(torch.float64)
+        total = vis.sum(dim=(-1, -2)).to(torch.float64)[:, None]
+        return torch.where(total > 0, kept / total.clamp(min=1), 0.0).to(torch.float32)
 
     def density(self) -> float:
         """Fraction of causally visible blocks that are kept, over every batch element and head."""
@@ -184,6 +224,10 @@ class BlockMask:
             q_pos = torch.arange(self.q_len, device=tok.device) + (self.k_len - self.q_len)
             k_pos = torch.arange(self.k_len, device=tok.device)
             tok = tok & (k_pos[None, :] <= q_pos[:, None])
+        if self.lengths is not None:
+            lens = torch.tensor(self.lengths, device=tok.device)[:, None, None, None]
+            pos = torch.arange(self.q_len, device=tok.device)
+            tok = tok & (pos[:, None] < lens) & (pos[None, :] < lens)
         return tok
 
     def to_indices(self) -> tuple[Tensor, Tensor]:
@@ -238,6 +282,16 @@ class BlockMask:
         probe = cls(torch.zeros(1, 1, qb, kb, dtype=torch.bool, device=device), block_size, q_len, k_len, causal)
         mask = probe.visible().expand(batch, heads, qb, kb).contiguous()
         return cls(mask, block_size, q_len, k_len, causal)
+
+    def element(self, index: int) -> BlockMask:
+        """The mask of batch element ``index`` alone, ``[1, Hq, Qb_i, Kb_i]``: with ``lengths``, cut to its real tokens."""
+        n = self.q_len if self.lengths is None else self.lengths[index]
+        if n == 0:
+            raise ValueError(f"batch element {index} has no real token")
+        qb = -(-n // self.block_size)
+        rows = self.mask[index : index + 1] if self.lengths is None else self.mask[index : index + 1, :, :qb, :qb]
+        return dataclasses.replace(self, mask=rows, q_len=n if self.lengths else self.q_len,
+                                   k_len=n if self.lengths else self.k_len, lengths=None)  # fmt: skip
 
     def to(self, device: torch.device | str) -> BlockMask:
         return dataclasses.replace(self, mask=self.mask.to(device))

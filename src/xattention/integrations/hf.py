@@ -50,7 +50,8 @@ from ..kernels import fa4_usable
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..window import sliding_window_attention
-from .masks import Span, is_plain_window, real_spans
+from .masks import Span, real_spans
+from .padding import RightAligned
 from .state import (
     LAYER_ATTR,
     STATE_ATTR,
@@ -181,40 +182,34 @@ def _sliding_window(module: Any, kwargs: dict[str, Any]) -> Any:
     return kwargs["sliding_window"] if "sliding_window" in kwargs else getattr(module, "sliding_window", None)
 
 
-def _sparse(q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None) -> tuple[Tensor, BlockMask | None]:
-    """:func:`xattention.sparse_attention` with its mask. While dynamo traces, the same two steps without its debug log:
-    dynamo cannot trace ``Logger.isEnabledFor``, and a graph break inside every layer's attention makes dynamo compile
-    each layer's frames apart, which exhausts the recompile limit of a compiled model."""
+def _sparse(
+    q: Tensor, k: Tensor, v: Tensor, method: Method, scale: float | None, lengths: tuple[int, ...] | None
+) -> tuple[Tensor, BlockMask | None]:
+    """:func:`xattention.sparse_attention` with its mask (``lengths``: a right-aligned padded batch, never while
+    compiling). While dynamo traces, the same two steps without its debug log: dynamo cannot trace
+    ``Logger.isEnabledFor``, and a graph break inside every layer's attention makes dynamo compile each layer's frames
+    apart, which exhausts the recompile limit of a compiled model."""
     if not torch.compiler.is_compiling():
-        return sparse_attention(q, k, v, method, scale=scale, return_mask=True)
+        return sparse_attention(q, k, v, method, scale=scale, lengths=lengths, return_mask=True)
     if isinstance(method, Dense) or k.shape[2] < method.min_seq_len:
         return dense_attention(q, k, v, scale=scale), None
     mask = method.estimate(q, k, causal=True, scale=scale)
     return block_sparse_attention(q, k, v, mask, scale=scale), mask
 
 
-def _spans(
-    state: ModelState, attention_mask: Tensor | None, query: Tensor, key: Tensor, layer_idx: Any
-) -> tuple[list[Span | None], int]:
-    """Each batch element's run of real tokens, and the number of keys to use (see :func:`real_spans`)."""
+def _spans(state: ModelState, attention_mask: Tensor | None, query: Tensor, key: Tensor, layer_idx: Any) -> list[Span | None]:
+    """Each batch element's run of real tokens (see :func:`real_spans`)."""
     bsz, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
     if attention_mask is None:
         # transformers only omits the mask for Lq < Lk when prefilling an empty static cache: the queries are the first
         # Lq positions and the rest of the cache is empty (SDPA's path slices it off the same way)
-        k_len = min(k_len, q_len)
-        return [(0, q_len - 1, 0, k_len - 1)] * bsz, k_len
-    spans = state.masks.get(attention_mask, ("spans", q_len, k_len), lambda: real_spans(attention_mask, q_len, k_len, layer_idx))
-    return spans, k_len
+        return [(0, q_len - 1, 0, min(k_len, q_len) - 1)] * bsz
+    return state.masks.get(attention_mask, ("spans", q_len, k_len), lambda: real_spans(attention_mask, q_len, k_len, layer_idx))
 
 
-def _fa4_dense(query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, scale: float | None) -> Tensor | None:
-    """Dense attention through FlashAttention-4 for an unpadded causal prefill where FA4 runs, ``[B, Hq, Lq, D]``;
-    ``None`` (transformers' SDPA with its mask runs instead) anywhere else."""
-    if attention_mask is not None or not fa4_usable(query.device) or (torch.is_grad_enabled() and query.requires_grad):
-        return None
-    # no mask and Lq < Lk only when prefilling an empty static cache: the keys past Lq are empty (see _spans)
-    k_len = min(key.shape[2], query.shape[2])
-    return dense_attention(query, key[:, :, :k_len], value[:, :, :k_len], scale=scale, backend="fa4")
+def _fa4_runs(query: Tensor) -> bool:
+    """Whether dense attention of this call can run through FlashAttention-4 (on its device, without gradients)."""
+    return fa4_usable(query.device) and not (torch.is_grad_enabled() and query.requires_grad)
 
 
 def _global_attention(
@@ -227,52 +222,81 @@ def _global_attention(
     layer_idx: Any,
 ) -> Tensor | None:
     """The sparse prefill of a causal full-attention layer, ``[B, Hq, Lq, D]``. A :class:`Dense` layer, or every
-    sequence shorter than ``min_seq_len``, runs dense: through FlashAttention-4 when unpadded and FA4 runs here, else
-    ``None`` (transformers' SDPA with its mask), as for a materialised mask under compile."""
+    sequence shorter than ``min_seq_len``, runs dense: through FlashAttention-4 where FA4 runs here, else ``None``
+    (transformers' SDPA with its mask), as for a materialised mask under compile."""
     state, method = layer.model, layer.method
     q_len, k_len = query.shape[2], key.shape[2]
     record: dict[str, Any] = {"layer": layer_idx, "q_len": q_len, "k_len": k_len, "density": None, "mass_kept": None}
-    if attention_mask is not None and torch.compiler.is_compiling():  # reading the mask would break the graph
-        finish_record(state, record, None)
+    dense_only = isinstance(method, Dense)
+    if (attention_mask is not None and torch.compiler.is_compiling()) or (dense_only and not _fa4_runs(query)):
+        finish_record(state, record, None)  # reading the mask would break the graph; or SDPA is the dense path here
         return None
-    spans, k_len = ([], k_len) if isinstance(method, Dense) else _spans(state, attention_mask, query, key, layer_idx)
-    if all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
+    spans = _spans(state, attention_mask, query, key, layer_idx)
+    if dense_only or all(span is None or span[3] - span[2] + 1 < method.min_seq_len for span in spans):
         finish_record(state, record, None)
-        return _fa4_dense(query, key, value, attention_mask, scale)
+        if not _fa4_runs(query):
+            return None
+
+        def dense(q: Tensor, k: Tensor, v: Tensor, rows: range, lengths: tuple[int, ...] | None) -> Tensor:
+            return dense_attention(q, k, v, scale=scale, backend="fa4")
+
+        return _run_spans(state, attention_mask, dense, query, key, value, spans)
     per_row: dict[str, list] = {"density": [None] * len(spans), "mass_kept": [None] * len(spans)}
 
-    def run(q: Tensor, k: Tensor, v: Tensor, rows: range) -> Tensor:
-        out, block_mask = _sparse(q, k, v, method, scale)
+    def run(q: Tensor, k: Tensor, v: Tensor, rows: range, lengths: tuple[int, ...] | None) -> Tensor:
+        out, block_mask = _sparse(q, k, v, method, scale, lengths)
         if state.record_stats:
             record_rows(state, q, k, block_mask, scale, rows, per_row)
         return out
 
-    out = _run_spans(run, query, key, value, spans)
+    out = _run_spans(state, attention_mask, run, query, key, value, spans)
+    for b, span in enumerate(spans):
+        if span is None:  # an element without real tokens has no statistics
+            per_row["density"][b] = per_row["mass_kept"][b] = None
     finish_record(state, record, per_row)
     return out
 
 
+SpanRun = Callable[[Tensor, Tensor, Tensor, range, "tuple[int, ...] | None"], Tensor]
+
+
 def _run_spans(
-    run: Callable[[Tensor, Tensor, Tensor, range], Tensor], query: Tensor, key: Tensor, value: Tensor, spans: list
+    state: ModelState,
+    attention_mask: Tensor | None,
+    run: SpanRun,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    spans: list[Span | None],
 ) -> Tensor:
-    """``run`` over each batch element's real tokens (one batched call when all share one span); padding rows get
-    zeros. Returns ``[B, Hq, Lq, D]``."""
+    """``run(q, k, v, rows, lengths)`` over each batch element's real tokens, ``[B, Hq, Lq, D]`` with zeros on padding
+    rows: one call on the shared span when all elements have the same; one call on the right-aligned batch (see
+    :class:`.padding.RightAligned`, ``lengths`` given) when each has as many real queries as keys; else one call per
+    element."""
     bsz, q_len = query.shape[0], query.shape[2]
     if spans[0] is not None and all(span == spans[0] for span in spans):
         i0, i1, s, e = spans[0]
-        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1], range(bsz))
+        out = run(query[:, :, i0 : i1 + 1], key[:, :, s : e + 1], value[:, :, s : e + 1], range(bsz), None)
         if (i0, i1) == (0, q_len - 1):
             return out
         full = query.new_zeros(query.shape[:3] + value.shape[-1:])
         full[:, :, i0 : i1 + 1] = out
         return full
+    aligned = None
+    if attention_mask is not None:  # a padded batch: one alignment per mask tensor, shared by its layers
+        aligned = state.masks.get(
+            attention_mask, ("aligned", q_len, key.shape[2]), lambda: RightAligned.from_spans(spans, q_len, query.device)
+        )
+    if aligned is not None:
+        return aligned.scatter(run(*aligned.gather(query, key, value), range(bsz), aligned.lengths))
     out = query.new_zeros(query.shape[:3] + value.shape[-1:])
     for b, span in enumerate(spans):
         if span is None:
             continue
         i0, i1, s, e = span
+        rows = range(b, b + 1)
         out[b : b + 1, :, i0 : i1 + 1] = run(
-            query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1], range(b, b + 1)
+            query[b : b + 1, :, i0 : i1 + 1], key[b : b + 1, :, s : e + 1], value[b : b + 1, :, s : e + 1], rows, None
         )
     return out
 
@@ -287,8 +311,8 @@ def _local_attention(
     scale: float | None,
     layer_idx: Any,
 ) -> Tensor | None:
-    """Exact windowed attention of a sliding-window layer, ``[B, Hq, Lq, D]``, when the model's mask is exactly the
-    plain window (no padding, nothing custom); ``None`` otherwise, and transformers' SDPA runs with that mask."""
+    """Exact windowed attention of a sliding-window layer, ``[B, Hq, Lq, D]``, when the model's mask is the window
+    with left or right padding at most; ``None`` otherwise, and transformers' SDPA runs with that mask."""
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None:
         # transformers leaves the mask out only where the window cannot bind (Lk <= window), or for an empty static
@@ -297,16 +321,25 @@ def _local_attention(
         if k_len > window:  # the model built a full causal mask for this layer: do what SDPA with it would
             _log_once("xattention: a sliding-window layer got no mask over more keys than its window; SDPA runs")
             return None
-    elif torch.compiler.is_compiling():  # reading the mask would break the graph
+        return sliding_window_attention(query, key, value, window=window, scale=scale)
+    if torch.compiler.is_compiling():  # reading the mask would break the graph
         return None
-    elif not state.masks.get(
-        attention_mask,
-        ("window", q_len, k_len, window),
-        lambda: is_plain_window(attention_mask, q_len, k_len, window, layer_idx),
-    ):
-        _log_once("xattention: a sliding-window layer got a padded or custom mask; transformers' SDPA runs with it")
+    try:
+        spans = state.masks.get(
+            attention_mask,
+            ("window spans", q_len, k_len, window),
+            lambda: real_spans(attention_mask, q_len, k_len, layer_idx, window=window),
+        )
+    except ValueError:
+        _log_once("xattention: a sliding-window layer got a custom mask; transformers' SDPA runs with it")
         return None
-    return sliding_window_attention(query, key, value, window=window, scale=scale)
+    if all(span is None for span in spans):
+        return None
+
+    def windowed(q: Tensor, k: Tensor, v: Tensor, rows: range, lengths: tuple[int, ...] | None) -> Tensor:
+        return sliding_window_attention(q, k, v, window=window, scale=scale)
+
+    return _run_spans(state, attention_mask, windowed, query, key, value, spans)
 
 
 def xattention_attention_forward(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["MaskMemo", "Span", "bool_mask", "is_plain_window", "real_spans"]
+__all__ = ["MaskMemo", "Span", "bool_mask", "real_spans"]
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ def bool_mask(attention_mask: Tensor, q_len: int, k_len: int, layer: Any) -> tup
     return keep, ((mask != 0) & keep).any()
 
 
-def _span_facts(keep: Tensor) -> Tensor:
+def _span_facts(keep: Tensor, window: int | None) -> Tensor:
     """int64 ``[B, 6]`` on the mask's device: ``(has_real, ok, i0, i1, s, e)`` per batch element (see :func:`real_spans`)."""
     lq, k_len = keep.shape[1], keep.shape[2]
     rows = torch.arange(lq, device=keep.device)
@@ -71,26 +71,27 @@ def _span_facts(keep: Tensor) -> Tensor:
         i0 = real.to(torch.uint8).argmax()  # the first real row
         e = torch.where(real, last, -1).max()  # the last key any real row sees
         i1 = (real & (last == e)).to(torch.uint8).argmax()  # the first row that sees it: the last real row
-        s = first[i1]
+        s = first[i0]
         run = (rows >= i0) & (rows <= i1)
-        causal = (first == s) & (last == e - (i1 - rows)) & (count == last - first + 1)
+        lo = s if window is None else torch.clamp(last - window + 1, min=s)  # each real row's first key
+        causal = (first == lo) & (last == e - (i1 - rows)) & (count == last - first + 1)
         ok = (~run | causal).all() & (e - (i1 - i0) >= s)
         facts.append(torch.stack([t.to(torch.int64) for t in (real.any(), ok, i0, i1, s, e)]))
     return torch.stack(facts)
 
 
-def real_spans(attention_mask: Tensor, q_len: int, k_len: int, layer: Any) -> list[Span | None]:
+def real_spans(attention_mask: Tensor, q_len: int, k_len: int, layer: Any, *, window: int | None = None) -> list[Span | None]:
     """Per batch element, ``(i0, i1, s, e)``: query rows ``i0..i1`` are the real tokens and attend causally to keys
     ``s..e``, query ``i`` sitting at key position ``e - (i1 - i)`` (``None`` for an element with no real token).
 
-    ``attention_mask`` is the model's ``[B, 1, Lq, Lk]`` mask of a causal layer: causal AND a 2-D padding mask. A real
-    query sees its own key and every earlier real key, so its last visible key is its own position and all real rows
-    share their first visible key. Right-padding rows come after the row that sees key ``e`` and are left out;
-    left-padding rows see nothing. Anything else (packed sequences, holes in the padding mask, sliding windows, additive
-    biases) raises ``ValueError``. Reads the device once.
+    ``attention_mask`` is the model's ``[B, 1, Lq, Lk]`` mask of a causal layer: causal AND a 2-D padding mask (AND a
+    sliding window of ``window`` keys). A real query sees its own key and every earlier real key (within the window),
+    so its last visible key is its own position and the first real row's first key is ``s``. Right-padding rows come
+    after the row that sees key ``e`` and are left out; left-padding rows see nothing. Anything else (packed sequences,
+    holes in the padding mask, another window, additive biases) raises ``ValueError``. Reads the device once.
     """
     keep, has_bias = bool_mask(attention_mask, q_len, k_len, layer)
-    facts = _span_facts(keep)
+    facts = _span_facts(keep, window)
     if has_bias is not None:
         facts = torch.cat([facts, has_bias.to(torch.int64).expand(facts.shape[0], 1)], dim=1)
     spans: list[Span | None] = []
@@ -105,16 +106,3 @@ def real_spans(attention_mask: Tensor, q_len: int, k_len: int, layer: Any) -> li
             )
         spans.append((i0, i1, s, e) if has_real else None)
     return spans
-
-
-def is_plain_window(attention_mask: Tensor, q_len: int, k_len: int, window: int, layer: Any) -> bool:
-    """Whether the ``[B, 1, Lq, Lk]`` mask is exactly the bottom-right sliding-window mask of
-    :func:`xattention.sliding_window_attention` for every batch element: no padding, no bias, nothing custom.
-    Reads the device once."""
-    keep, has_bias = bool_mask(attention_mask, q_len, k_len, layer)
-    pos = torch.arange(k_len - q_len, k_len, device=keep.device)[:, None]
-    key = torch.arange(k_len, device=keep.device)[None, :]
-    ok = (keep == ((key <= pos) & (key > pos - window))).all()
-    if has_bias is not None:
-        ok = ok & ~has_bias
-    return bool(ok)  # the one host synchronisation

@@ -85,9 +85,24 @@ def record_rows(
         ones if block_mask is None else block_mask.density_per_head().mean(dim=1).tolist()
     )
     if state.record_mass:
-        kept = ones if block_mask is None else attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
+        if block_mask is None:
+            kept = ones
+        elif block_mask.lengths is None:
+            kept = attention_mass_kept(q, k, block_mask, scale=scale).mean(dim=1).tolist()
+        else:  # a right-aligned padded batch: each element on its real tokens
+            kept = [_element_mass(q, k, block_mask, scale, b) for b in range(q.shape[0])]
         per_row["mass_kept"][rows.start : rows.stop] = kept
     state.stats_seconds += clock(q.device) - start
+
+
+def _element_mass(q: Tensor, k: Tensor, block_mask: BlockMask, scale: float | None, b: int) -> float | None:
+    """Mean over heads of the attention mass batch element ``b`` keeps on its real tokens (``None`` without any)."""
+    assert block_mask.lengths is not None
+    n = block_mask.lengths[b]
+    if n == 0:
+        return None
+    mass = attention_mass_kept(q[b : b + 1, :, :n], k[b : b + 1, :, :n], block_mask.element(b), scale=scale)
+    return float(mass.mean())
 
 
 def finish_record(state: ModelState, record: dict[str, Any], per_row: dict[str, list] | None) -> None:

@@ -65,34 +65,90 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
     return [c for c in configs if block_d // c.kwargs.get("SPLIT_D", 1) >= 16]
 
 
+@triton.jit
+def _tile_products(
+    QDesc, KDesc, q_base, k_base, sql, skl, batch, head, kv_head, tile, jt, offs_t, offs_u, q_len, k_len,
+    S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr,
+    USE_TMA: tl.constexpr, SPLIT_D: tl.constexpr,
+):  # fmt: skip
+    # q~ k~^T for one (row tile, column tile): S products of depth D (one per antidiagonal slot), each in SPLIT_D
+    # chunks for a deeper load pipeline
+    BLOCK_K: tl.constexpr = BLOCK_D // SPLIT_D
+    acc = tl.zeros([BLOCK_T, BLOCK_U], dtype=tl.float32)
+    for i in tl.range(S * SPLIT_D):
+        slot = i // SPLIT_D
+        offs_k = (i % SPLIT_D) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if USE_TMA:  # views [B, H, L/S, S, D]: row t, slot i is token t*S + i; out-of-range rows read as zeros
+            qi = QDesc.load([batch, head, tile * BLOCK_T, slot, (i % SPLIT_D) * BLOCK_K]).reshape(BLOCK_T, BLOCK_K)
+            ki = KDesc.load([batch, kv_head, jt * BLOCK_U, S - 1 - slot, (i % SPLIT_D) * BLOCK_K])
+            ki = ki.reshape(BLOCK_U, BLOCK_K)
+        else:
+            q_rows = offs_t * S + slot
+            k_rows = offs_u * S + (S - 1 - slot)
+            k_ok = offs_k < D
+            q_ptrs = q_base + q_rows[:, None] * sql + offs_k[None, :]
+            k_ptrs = k_base + k_rows[:, None] * skl + offs_k[None, :]
+            qi = tl.load(q_ptrs, mask=(q_rows < q_len)[:, None] & k_ok[None, :], other=0.0)
+            ki = tl.load(k_ptrs, mask=(k_rows < k_len)[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(qi, tl.trans(ki), acc)
+    return acc
+
+
+@triton.jit
+def _rescale_partials(
+    part_base, tmax_base, out_base, m_i, l_i, row_ok, offs_t, tile, n_tiles, num_rows, num_k_blocks, num_tiles,
+    R: tl.constexpr, BLOCK_T: tl.constexpr, NB: tl.constexpr, PARTIAL: tl.constexpr,
+):  # fmt: skip
+    # Rescale every partial to the row's final max: block scores divide by the sum and add up the R rows of each query
+    # block; partial scores stay per row, in place.
+    if not PARTIAL:
+        inv_l = 1.0 / tl.where(row_ok, l_i, 1.0)  # padding rows: partials of 0 and a sum of 0
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    offs_r = tile * (BLOCK_T // R) + tl.arange(0, BLOCK_T // R)
+    for jt in range(0, n_tiles):
+        offs_c = jt * NB + tl.arange(0, NB)
+        c_ok = offs_c < num_k_blocks
+        part_ptrs = part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :]
+        part_ok = (offs_t < num_rows)[:, None] & c_ok[None, :]
+        partial = tl.load(part_ptrs, mask=part_ok, other=0.0)
+        tmax = tl.load(tmax_base + offs_t * num_tiles + jt, mask=offs_t < num_rows, other=0.0)
+        weight = tl.math.exp2(tmax - m_ref)
+        if PARTIAL:
+            tl.store(part_ptrs, partial * weight[:, None], mask=part_ok)
+        else:
+            probs = partial * (weight * inv_l)[:, None]
+            blocks = tl.sum(tl.reshape(probs, (BLOCK_T // R, R, NB)), 1)
+            out_ptrs = out_base + offs_r[:, None] * num_k_blocks + offs_c[None, :]
+            tl.store(out_ptrs, blocks, mask=(offs_r < num_rows // R)[:, None] & c_ok[None, :])
+
+
 @triton.autotune(
     configs=_configs(),
-    key=["S", "D", "R", "CAUSAL", "G", "PARTIAL", "USE_TMA"],
+    key=["S", "D", "R", "CAUSAL", "G", "PARTIAL", "USE_TMA", "VARLEN"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )
 @triton.jit
 def _antidiagonal_scores_fwd(
-    Q, K, QDesc, KDesc, Partial, TileMax, Out, RowMax,
+    Q, K, QDesc, KDesc, Partial, TileMax, Out, RowMax, Lengths,
     sqb, sqh, sql, skb, skh, skl, smb, smh,
     scale_log2, q_len, k_len, causal_offset, num_heads, head_offset, num_rows, num_k_blocks, num_tiles,
     G: tl.constexpr, S: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, R: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, CAUSAL: tl.constexpr, PARTIAL: tl.constexpr, GIVEN_MAX: tl.constexpr,
-    USE_TMA: tl.constexpr, FLAT: tl.constexpr = False, SPLIT_D: tl.constexpr = 1,
+    USE_TMA: tl.constexpr, VARLEN: tl.constexpr, FLAT: tl.constexpr = False, SPLIT_D: tl.constexpr = 1,
 ):  # fmt: skip
-    # q_len, k_len: tokens in Q and K; reshaped key u is causally visible to reshaped query t when
-    # u*S <= causal_offset + t*S + S - 1. PARTIAL: leave in Partial the sums relative to the row max (log2 units) that
-    # RowMax receives (or holds, GIVEN_MAX); otherwise write block scores to Out.
+    # q_len, k_len: tokens in Q and K (VARLEN: each batch element's own, from Lengths, as both); reshaped key u is
+    # causally visible to reshaped query t when u*S <= causal_offset + t*S + S - 1. PARTIAL: leave in Partial the sums
+    # relative to the row max (log2 units) that RowMax receives (or holds, GIVEN_MAX); otherwise write block scores.
     pid_bh = tl.program_id(0)  # index within this launch's heads
-    n_row_tiles = tl.cdiv(num_rows, BLOCK_T)
-    tile = n_row_tiles - 1 - tl.program_id(1)  # long causal rows first
+    tile = tl.cdiv(num_rows, BLOCK_T) - 1 - tl.program_id(1)  # long causal rows first
     batch = pid_bh // num_heads
     head = head_offset + pid_bh % num_heads
-    kv_head = head // G
-
+    if VARLEN:
+        q_len = tl.load(Lengths + batch).to(tl.int32)
+        k_len = q_len
     offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    BLOCK_K: tl.constexpr = BLOCK_D // SPLIT_D
     q_base = Q + batch * sqb + head * sqh
-    k_base = K + batch * skb + kv_head * skh
+    k_base = K + batch * skb + (head // G) * skh
     row_ok = (offs_t * S < q_len) & (offs_t < num_rows)  # padding query rows see no key
 
     n_cols = tl.cdiv(k_len, S)
@@ -108,30 +164,8 @@ def _antidiagonal_scores_fwd(
     l_i = tl.zeros([BLOCK_T], dtype=tl.float32)
     for jt in tl.range(0, n_tiles, flatten=FLAT):
         offs_u = jt * BLOCK_U + tl.arange(0, BLOCK_U)
-        acc = tl.zeros([BLOCK_T, BLOCK_U], dtype=tl.float32)
-        # S products of depth D (one per antidiagonal slot), each in SPLIT_D chunks: a deeper load pipeline
-        for i in tl.range(S * SPLIT_D):
-            slot = i // SPLIT_D
-            offs_k = (i % SPLIT_D) * BLOCK_K + tl.arange(0, BLOCK_K)
-            if USE_TMA:  # views [B, H, L/S, S, D]: row t, slot i is token t*S + i; out-of-range rows read as zeros
-                qi = QDesc.load([batch, head, tile * BLOCK_T, slot, (i % SPLIT_D) * BLOCK_K]).reshape(BLOCK_T, BLOCK_K)
-                ki = KDesc.load([batch, kv_head, jt * BLOCK_U, S - 1 - slot, (i % SPLIT_D) * BLOCK_K])
-                ki = ki.reshape(BLOCK_U, BLOCK_K)
-            else:
-                q_rows = offs_t * S + slot
-                k_rows = offs_u * S + (S - 1 - slot)
-                k_ok = offs_k < D
-                qi = tl.load(
-                    q_base + q_rows[:, None] * sql + offs_k[None, :],
-                    mask=(q_rows < q_len)[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-                ki = tl.load(
-                    k_base + k_rows[:, None] * skl + offs_k[None, :],
-                    mask=(k_rows < k_len)[:, None] & k_ok[None, :],
-                    other=0.0,
-                )
-            acc = tl.dot(qi, tl.trans(ki), acc)
+        acc = _tile_products(QDesc, KDesc, q_base, k_base, sql, skl, batch, head, head // G, tile, jt, offs_t, offs_u,
+                             q_len, k_len, S, D, BLOCK_D, BLOCK_T, BLOCK_U, USE_TMA, SPLIT_D)  # fmt: skip
         s = acc * scale_log2
         ok = row_ok[:, None] & (offs_u * S < k_len)[None, :]
         if CAUSAL:
@@ -143,48 +177,22 @@ def _antidiagonal_scores_fwd(
         e = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(e, 1)
         m_i = m_new
-        partial = tl.sum(tl.reshape(e, (BLOCK_T, NB, R)), 2)
         offs_c = jt * NB + tl.arange(0, NB)
-        tl.store(
-            part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :],
-            partial,
-            mask=(offs_t < num_rows)[:, None] & (offs_c < num_k_blocks)[None, :],
-        )
+        part_ok = (offs_t < num_rows)[:, None] & (offs_c < num_k_blocks)[None, :]
+        tl.store(part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :], tl.sum(tl.reshape(e, (BLOCK_T, NB, R)), 2),
+                 mask=part_ok)  # fmt: skip
         tl.store(tmax_base + offs_t * num_tiles + jt, m_new, mask=offs_t < num_rows)
     # The loop below reads back partials that other threads of this program stored: make those stores visible first.
     tl.debug_barrier()
-
-    # Rescale every partial to the row's final max: block scores divide by the sum and add up the R rows of each query
-    # block; partial scores stay per row, in place.
     if PARTIAL:
         rmax_ptrs = RowMax + batch * smb + head * smh + offs_t
         if GIVEN_MAX:
             m_i = tl.load(rmax_ptrs, mask=offs_t < num_rows, other=float("-inf"))
         else:
             tl.store(rmax_ptrs, m_i, mask=offs_t < num_rows)
-    else:
-        inv_l = 1.0 / tl.where(row_ok, l_i, 1.0)  # padding rows: partials of 0 and a sum of 0
-    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    offs_r = tile * (BLOCK_T // R) + tl.arange(0, BLOCK_T // R)
     out_base = Out + pid_bh.to(tl.int64) * (num_rows // R) * num_k_blocks
-    for jt in range(0, n_tiles):
-        offs_c = jt * NB + tl.arange(0, NB)
-        c_ok = offs_c < num_k_blocks
-        part_ptrs = part_base + offs_t[:, None] * num_k_blocks + offs_c[None, :]
-        part_ok = (offs_t < num_rows)[:, None] & c_ok[None, :]
-        partial = tl.load(part_ptrs, mask=part_ok, other=0.0)
-        tmax = tl.load(tmax_base + offs_t * num_tiles + jt, mask=offs_t < num_rows, other=0.0)
-        weight = tl.math.exp2(tmax - m_ref)
-        if PARTIAL:
-            tl.store(part_ptrs, partial * weight[:, None], mask=part_ok)
-        else:
-            probs = partial * (weight * inv_l)[:, None]
-            blocks = tl.sum(tl.reshape(probs, (BLOCK_T // R, R, NB)), 1)
-            tl.store(
-                out_base + offs_r[:, None] * num_k_blocks + offs_c[None, :],
-                blocks,
-                mask=(offs_r < num_rows // R)[:, None] & c_ok[None, :],
-            )
+    _rescale_partials(part_base, tmax_base, out_base, m_i, l_i, row_ok, offs_t, tile, n_tiles, num_rows, num_k_blocks,
+                      num_tiles, R, BLOCK_T, NB, PARTIAL)  # fmt: skip
 
 
 def unsupported_geometry(block_size: int, stride: int) -> str | None:
@@ -216,6 +224,7 @@ def _score(
     scale: float | None,
     given_max: bool = False,
     use_tma: bool | None = None,
+    lengths: Tensor | None = None,
 ) -> None:
     """Run the scorer over every head, as many heads per launch as :data:`PARTIAL_BUDGET_BYTES` allows.
 
@@ -226,6 +235,8 @@ def _score(
         row_max: float32 ``[B, Hq, Tq]`` in log2 units: the kernel writes each row's max there, or reads it when
             ``given_max``.
         causal_offset: reshaped key ``u`` is visible to reshaped query ``t`` when ``uS <= causal_offset + tS + S - 1``.
+        lengths: int ``[B]`` on q's device, or ``None``: each batch element's own token count, for queries and keys
+            alike (``Lq == Lk``, ``causal_offset == 0``); rows and keys past it are padding.
     """
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
@@ -256,11 +267,11 @@ def _score(
         rmax = row_max if row_max is not None else tile_max  # RowMax is only touched in partial mode
         grid = lambda meta, n=bsz * nh: (n, triton.cdiv(num_rows, meta["BLOCK_T"]))
         _antidiagonal_scores_fwd[grid](
-            q, k, q_desc, k_desc, partial, tile_max, scores, rmax,
+            q, k, q_desc, k_desc, partial, tile_max, scores, rmax, lengths,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), rmax.stride(0), rmax.stride(1),
             factor, lq, lk, causal_offset, nh, h0, num_rows, kb, num_tiles,
             G=hq // hkv, S=stride, D=d, BLOCK_D=max(16, triton.next_power_of_2(d)), R=r, CAUSAL=causal,
-            PARTIAL=partial_mode, GIVEN_MAX=given_max, USE_TMA=use_tma,
+            PARTIAL=partial_mode, GIVEN_MAX=given_max, USE_TMA=use_tma, VARLEN=lengths is not None,
         )  # fmt: skip
         if not whole:
             out[:, h0 : h0 + nh].copy_(scores)
@@ -298,6 +309,7 @@ def antidiagonal_block_scores(
     causal: bool = True,
     scale: float | None = None,
     use_tma: bool | None = None,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """XAttention block scores ``[B, Hq, Qb, Kb]`` (float32); same contract as the reference.
 
@@ -305,6 +317,8 @@ def antidiagonal_block_scores(
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]``; ``block_size % stride == 0``, ``block_size / stride`` a power of
             two, ``block_size`` a power of two (see :func:`unsupported_geometry`).
         use_tma: load the strided rows with bulk tensor copies; default: where :func:`~xattention.kernels.tma_usable`.
+        lengths: int ``[B]`` on q's device for a right-padded batch (``Lq == Lk``): see the reference. q and k must
+            hold zeros past each length (the bulk copies read them).
     """
     error = unsupported_geometry(block_size, stride)
     if error is not None:
@@ -314,7 +328,7 @@ def antidiagonal_block_scores(
     lk = k.shape[2]
     out = torch.zeros(bsz, hq, -(-lq // block_size), -(-lk // block_size), dtype=torch.float32, device=q.device)
     _score(q, k, out, None, stride=stride, block_size=block_size, causal=causal, causal_offset=lk - lq, scale=scale,
-           use_tma=use_tma)  # fmt: skip
+           use_tma=use_tma, lengths=lengths)  # fmt: skip
     return out
 
 

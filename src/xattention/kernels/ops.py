@@ -20,18 +20,22 @@ __all__ = ["block_scores", "fa4_block_sparse_attention", "fa4_dense_attention", 
 logger = logging.getLogger(__name__)
 
 
-def _block_scores(q: Tensor, k: Tensor, stride: int, block_size: int, causal: bool, scale: float | None) -> Tensor:
+def _block_scores(
+    q: Tensor, k: Tensor, stride: int, block_size: int, causal: bool, scale: float | None, lengths: Tensor | None = None
+) -> Tensor:
     """Triton :func:`~xattention.kernels.antidiagonal.antidiagonal_block_scores`: float32 ``[B, Hq, Qb, Kb]``."""
     from .antidiagonal import antidiagonal_block_scores
 
-    return antidiagonal_block_scores(q, k, stride=stride, block_size=block_size, causal=causal, scale=scale)
+    return antidiagonal_block_scores(q, k, stride=stride, block_size=block_size, causal=causal, scale=scale, lengths=lengths)
 
 
 _block_scores_op = torch.library.custom_op("xattention::block_scores", _block_scores, mutates_args=())
 
 
 @_block_scores_op.register_fake
-def _(q: Tensor, k: Tensor, stride: int, block_size: int, causal: bool, scale: float | None) -> Tensor:
+def _(
+    q: Tensor, k: Tensor, stride: int, block_size: int, causal: bool, scale: float | None, lengths: Tensor | None = None
+) -> Tensor:
     qb, kb = -(-q.shape[2] // block_size), -(-k.shape[2] // block_size)
     return q.new_empty(q.shape[0], q.shape[1], qb, kb, dtype=torch.float32)
 

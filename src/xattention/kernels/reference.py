@@ -57,6 +57,7 @@ def antidiagonal_block_scores(
     causal: bool = True,
     scale: float | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    lengths: Tensor | None = None,
 ) -> Tensor:
     """XAttention block scores (Xu et al., 2025, Sec. 2.1: antidiagonal scoring).
 
@@ -69,6 +70,9 @@ def antidiagonal_block_scores(
     Args:
         q: ``[B, Hq, Lq, D]``; k: ``[B, Hkv, Lk, D]`` with ``Hq % Hkv == 0`` (GQA without repeating k).
         stride: ``S``; ``block_size % S == 0``.
+        lengths: int ``[B]`` or ``None``: a right-padded batch (``Lq == Lk``), element ``b``'s tokens being positions
+            ``0 … lengths[b]-1``; later rows and keys are padding, as if that element had been scored alone. Its q and
+            k must hold zeros past the length (as the padding of a lone element does).
     Returns:
         float32 ``[B, Hq, Qb, Kb]``: each valid reshaped row contributes probability 1, so a row's total is the number
         of reshaped query rows it holds that are not padding.
@@ -84,18 +88,22 @@ def antidiagonal_block_scores(
     factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / s
 
     u = torch.arange(kb * r, device=q.device)
-    key_ok = u * s < lk
+    # per batch element (one row unless lengths): the tokens of queries and of keys
+    q_lens = torch.full((1,), lq, device=q.device) if lengths is None else lengths.to(q.device)
+    k_lens = torch.full((1,), lk, device=q.device) if lengths is None else q_lens
+    key_ok = u[None, :] * s < k_lens[:, None]  # [B or 1, U]
     out = torch.empty(bsz, hkv, g, qb, kb, dtype=torch.float32, device=q.device)
     step = _rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements)
     for r0 in range(0, qb, step):
         r1 = min(qb, r0 + step)
         t = torch.arange(r0 * r, r1 * r, device=q.device)
         scores = torch.einsum("bhgtx,bhux->bhgtu", qt[:, :, :, r0 * r : r1 * r], kt) * factor
-        allowed = key_ok[None, :].expand(t.numel(), -1)
+        allowed = key_ok[:, None, :].expand(-1, t.numel(), -1)  # [B or 1, T, U]
         if causal:
             allowed = allowed & (u[None, :] * s <= (lk - lq) + t[:, None] * s + s - 1)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        probs = probs * (t * s < lq)[:, None].to(probs.dtype)  # padding rows carry no mass
+        probs = torch.softmax(scores.masked_fill(~allowed[:, None, None], float("-inf")), dim=-1)
+        row_ok = t[None, :] * s < q_lens[:, None]  # padding rows carry no mass
+        probs = torch.where(row_ok[:, None, None, :, None], probs, 0.0)  # also the NaN of a row that sees no key
         out[:, :, :, r0:r1] = probs.view(bsz, hkv, g, r1 - r0, r, kb, r).sum(dim=(4, 6))
     return out.view(bsz, hq, qb, kb)
 

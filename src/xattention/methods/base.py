@@ -11,14 +11,15 @@ import functools
 import types
 import typing
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
 from .._validation import check_qkv
-from ..block_mask import BlockMask, forced_blocks, visible_blocks
+from ..block_mask import BlockMask, check_lengths, forced_blocks, visible_blocks
 from ..kernels import resolve_backend
 from ..kernels.reference import cumulative_select
 
@@ -145,6 +146,9 @@ class Method(ABC):
     """
 
     name: ClassVar[str] = "method"
+    # How :meth:`estimate_padded` serves a right-padded batch: "rows" estimates each element alone; "geometry" once for
+    # the whole batch (the mask depends on the shape only); "lengths" once, passing ``lengths=`` to :meth:`estimate`.
+    padded_batch: ClassVar[Literal["rows", "geometry", "lengths"]] = "rows"
 
     block_size: int = 128
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
@@ -180,6 +184,32 @@ class Method(ABC):
         Returns:
             A :class:`BlockMask` of shape ``[B, Hq, ceil(Lq/b), ceil(Lk/b)]``.
         """
+
+    def estimate_padded(
+        self, q: Tensor, k: Tensor, lengths: Sequence[int], *, scale: float | None = None, backend: str = "auto"
+    ) -> BlockMask:
+        """One causal :class:`BlockMask` for a right-padded batch: element ``b``'s tokens are positions
+        ``0 … lengths[b]-1`` of q ``[B, Hq, L, D]`` and k ``[B, Hkv, L, D]``. Each element's rows equal the mask
+        :meth:`estimate` gives its real tokens alone; its rows past them are empty. The returned mask carries
+        ``lengths`` (see :class:`BlockMask`). Elements shorter than ``min_seq_len`` are not treated apart here."""
+        geo = self.geometry(q, k, causal=True, backend=backend)
+        lens = check_lengths(lengths, geo.batch, geo.q_len, geo.k_len)
+        b = self.block_size
+        if self.padded_batch == "rows":
+            mask = torch.zeros(geo.batch, geo.heads, -(-geo.q_len // b), -(-geo.k_len // b), dtype=torch.bool,
+                               device=q.device)  # fmt: skip
+            for i, n in enumerate(lens):
+                if n:
+                    row = self.estimate(q[i : i + 1, :, :n], k[i : i + 1, :, :n], scale=scale, backend=backend).mask
+                    mask[i, :, : row.shape[2], : row.shape[3]] = row[0]
+            shared = 1
+        else:
+            extra = {"lengths": lens} if self.padded_batch == "lengths" else {}
+            full = self.estimate(q, k, causal=True, scale=scale, backend=backend, **extra)
+            rows = torch.tensor([-(-n // b) for n in lens]).to(q.device, non_blocking=True)
+            mask = full.mask & (torch.arange(full.mask.shape[2], device=q.device) < rows[:, None])[:, None, :, None]
+            shared = full.shared_heads
+        return BlockMask(mask, b, geo.q_len, geo.k_len, True, shared_heads=shared, lengths=lens)
 
     def geometry(self, q: Tensor, k: Tensor, *, causal: bool = True, backend: str = "auto") -> Geometry:
         """Check q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` and the backend name; the :class:`Geometry` to select in."""

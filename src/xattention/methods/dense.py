@@ -19,6 +19,7 @@ class Dense(Method):
     """Keeps every causally visible block: the exact baseline. ``sparse_attention`` runs it as dense SDPA."""
 
     name: ClassVar[str] = "dense"
+    padded_batch: ClassVar[str] = "geometry"
 
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"

@@ -58,6 +58,7 @@ class Streaming(Method):
     """
 
     name: ClassVar[str] = "streaming"
+    padded_batch: ClassVar[str] = "geometry"
 
     sink_blocks: int = 1
     local_blocks: int = 31

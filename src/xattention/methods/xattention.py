@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from ..block_mask import BlockMask
+from ..block_mask import BlockMask, check_lengths
 from .base import Method, check_fraction
 
 __all__ = ["XAttention"]
@@ -31,6 +32,7 @@ class XAttention(Method):
     """
 
     name: ClassVar[str] = "xattention"
+    padded_batch: ClassVar[str] = "lengths"
 
     stride: int = 8
     threshold: float | Tensor = 0.9
@@ -80,20 +82,35 @@ class XAttention(Method):
         ).amax(dim=1)
 
     def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        causal: bool = True,
+        scale: float | None = None,
+        backend: str = "auto",
+        lengths: Sequence[int] | None = None,
     ) -> BlockMask:
+        """See :meth:`Method.estimate`; ``lengths`` scores a right-padded batch in one pass (prefer
+        :meth:`~Method.estimate_padded`, which also empties the rows past each length)."""
         geo = self.geometry(q, k, causal=causal, backend=backend)
         thresholds = self.head_thresholds(geo.heads, q.device)
+        lens = None
+        if lengths is not None:  # positions past each length read as the zeros a lone element is padded with
+            values = check_lengths(lengths, geo.batch, geo.q_len, geo.k_len, causal)
+            lens = torch.tensor(values).to(q.device, non_blocking=True)
+            padding = (torch.arange(geo.q_len, device=q.device) >= lens[:, None])[:, None, :, None]  # [B, 1, L, 1]
+            q, k = q.masked_fill(padding, 0.0), k.masked_fill(padding, 0.0)
         on_triton = geo.backend == "triton"
         if on_triton:
             from ..kernels import ops
 
-            scores = ops.block_scores(q, k, self.stride, self.block_size, causal, scale)
+            scores = ops.block_scores(q, k, self.stride, self.block_size, causal, scale, lens)
         else:
             from ..kernels import reference
 
             scores = reference.antidiagonal_block_scores(
-                q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale
+                q, k, stride=self.stride, block_size=self.block_size, causal=causal, scale=scale, lengths=lens
             )
         scores, thresholds = self.pool_kv_groups(scores, thresholds, geo.kv_heads)
         if on_triton:

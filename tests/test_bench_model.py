@@ -251,3 +251,26 @@ def test_demo_prints_ttft_at_the_longest_prompt(tmp_path, tok) -> None:
     text = console.export_text()
     assert "TTFT" in text and "time to first token" in text
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_chunked_prefill_rows(tmp_path, monkeypatch, tok) -> None:
+    """--chunk-size: the timed and profiled prefills go through xattention.prefill in chunks (one attention call per
+    layer and chunk), and the record is written apart (model-NAME-chunkN)."""
+    model = tiny_llama(len(tok))
+    monkeypatch.setattr(bm, "load_bench_model", lambda name, device, dtype: (model, tok))
+    args = build_parser().parse_args([
+        "bench", "model", "--model", "tiny", "--lengths", "320", "--methods", f"sdpa,{SPARSE}", "--warmup", "0",
+        "--repeats", "1", "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32", "--chunk-size", "128",
+        "--out", str(tmp_path),
+    ])  # fmt: skip
+    assert args._main(args) == 0
+    (path,) = tmp_path.glob("cpu-*-model-tiny-chunk128.json")
+    record = json.loads(path.read_text())
+    assert record["params"]["chunk_size"] == 128
+    sdpa, sparse = record["rows"]
+    chunks = math.ceil(sparse["tokens"] / 128)
+    assert sdpa["profiled"]["attention_calls"]["dense"] == 3 * chunks
+    assert sum(sparse["profiled"]["attention_calls"].values()) == 3 * chunks
+    bad = build_parser().parse_args(["bench", "model", "--model", "tiny", "--chunk-size", "0", "--device", "cpu"])
+    with pytest.raises(ValueError, match="chunk-size"):
+        bad._main(bad)

@@ -209,17 +209,25 @@ def _prefill_kwargs(model: Any, input_ids: Tensor) -> dict[str, Any]:
     return kwargs
 
 
-def _prefill_and_step(model: Any, input_ids: Tensor, clock: _Clock) -> tuple[Any, Any, Any]:
-    """Prefill ``input_ids [1, L]`` (``logits_to_keep=1``), pick the greedy token, run one decode step with the cache.
+def _prefill_and_step(model: Any, input_ids: Tensor, clock: _Clock, chunk_size: int | None = None) -> tuple[Any, Any, Any]:
+    """Prefill ``input_ids [1, L]`` (``logits_to_keep=1``; ``chunk_size`` tokens per forward through the KV cache with
+    :func:`xattention.prefill`), pick the greedy token, run one decode step with the cache.
 
     Returns three clock marks: before the prefill, after the first token, after the decode step's token. Nothing is
     read back to the host, so the marks time the device's work (plus any host sync the model itself makes)."""
     kwargs = _prefill_kwargs(model, input_ids)
     start = clock.mark()
-    out = model(**kwargs)
-    token = out.logits[:, -1:].argmax(dim=-1)
+    if chunk_size is None:
+        out = model(**kwargs)
+        token, cache = out.logits[:, -1:].argmax(dim=-1), _cache_kwargs(model, out)
+    else:
+        from ..integrations.prefill import prefill
+
+        done = prefill(model, input_ids, chunk_size=chunk_size)
+        token = done.logits[:, None].argmax(dim=-1)
+        cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": done.cache}
     first = clock.mark()
-    step = model(input_ids=token, use_cache=True, **_cache_kwargs(model, out))
+    step = model(input_ids=token, use_cache=True, **cache)
     step.logits[:, -1:].argmax(dim=-1)
     second = clock.mark()
     return start, first, second
@@ -258,10 +266,13 @@ class TTFT:
         }
 
 
-def time_to_first_token(model: Any, input_ids: Tensor, *, warmup: int = 1, repeats: int = 3) -> TTFT:
+def time_to_first_token(
+    model: Any, input_ids: Tensor, *, warmup: int = 1, repeats: int = 3, chunk_size: int | None = None
+) -> TTFT:
     """TTFT of ``model`` on ``input_ids [1, L]`` (on the model's device) as it is configured now.
 
-    One repeat = prefill (``logits_to_keep=1``) + greedy first token + one decode step, timed with CUDA events and a
+    One repeat = prefill (``logits_to_keep=1``, in ``chunk_size`` chunks if given) + greedy first token + one decode
+    step, timed with CUDA events and a
     ``torch.cuda.synchronize`` after it (``perf_counter`` on the CPU). ``warmup`` untimed repeats come first; peak
     memory is measured over the timed ones (``torch.cuda.max_memory_allocated``, reset after the warm-up).
     """
@@ -273,14 +284,14 @@ def time_to_first_token(model: Any, input_ids: Tensor, *, warmup: int = 1, repea
     marks = []
     with torch.no_grad():
         for _ in range(warmup):
-            _prefill_and_step(model, input_ids, clock)
+            _prefill_and_step(model, input_ids, clock, chunk_size)
         clock.sync()
         start_memory = None
         if clock.cuda:
             torch.cuda.reset_peak_memory_stats(clock.device)
             start_memory = int(torch.cuda.memory_allocated(clock.device))
         for _ in range(repeats):
-            marks.append(_prefill_and_step(model, input_ids, clock))
+            marks.append(_prefill_and_step(model, input_ids, clock, chunk_size))
             clock.sync()  # one repeat's tail never overlaps the next one's start
         peak = int(torch.cuda.max_memory_allocated(clock.device)) if clock.cuda else None
     prefill = tuple(clock.ms(a, b) for a, b, _ in marks)
@@ -361,7 +372,9 @@ def _profiling(model: Any, method: Method | None, log: _StageLog) -> Iterator[No
                 cls.estimate = own_estimate  # type: ignore[method-assign]
 
 
-def profile_stages(model: Any, input_ids: Tensor, method: Method | None = None) -> dict[str, Any]:
+def profile_stages(
+    model: Any, input_ids: Tensor, method: Method | None = None, chunk_size: int | None = None
+) -> dict[str, Any]:
     """One TTFT run (as :func:`time_to_first_token`, no warm-up) split into :data:`STAGES` (ms).
 
     Args:
@@ -376,7 +389,7 @@ def profile_stages(model: Any, input_ids: Tensor, method: Method | None = None) 
     log = _StageLog(clock)
     with torch.no_grad(), _profiling(model, method, log):
         clock.sync()
-        start, first, second = _prefill_and_step(model, input_ids, clock)
+        start, first, second = _prefill_and_step(model, input_ids, clock, chunk_size)
         clock.sync()
     stages = dict.fromkeys(STAGES, 0.0)
     calls = {"sparse": 0, "dense": 0, "local": 0}
@@ -585,6 +598,7 @@ class Settings:
     seed: int = 0
     min_seq_len: int = 0
     time_budget_s: float | None = None
+    chunk_size: int | None = None
 
 
 def _answer_status(answer: str, passkey: str | None, reference: str | None) -> str:
@@ -627,8 +641,10 @@ def measure_config(
     """Answer + density, TTFT repeats, the profiled run: one result row (without the length fields)."""
     answer, layer_density = _answer_and_density(model, tokenizer, ids, passkey, config, settings)
     with applied(model, config.method):
-        ttft = time_to_first_token(model, ids, warmup=settings.warmup, repeats=settings.repeats)
-        profiled = profile_stages(model, ids, config.method)
+        ttft = time_to_first_token(
+            model, ids, warmup=settings.warmup, repeats=settings.repeats, chunk_size=settings.chunk_size
+        )
+        profiled = profile_stages(model, ids, config.method, settings.chunk_size)
     profiled["source"] = "one extra run with CUDA events around every prefill attention call and every selection"
     real = [1.0 if d is None else d for d in layer_density]  # None: that layer ran dense (below min_seq_len)
     status = _answer_status(answer or "", passkey, reference)
@@ -986,6 +1002,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-results", default=None, help=f"kernel record for {RANDOM_LLAMA}'s composed rows "
                    f"(default: the newest {KERNEL_RECORDS})")  # fmt: skip
     p.add_argument("--time-budget", type=float, default=None, help="seconds; start no new measurement after it")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="prefill in chunks of this many tokens through the KV cache (xattention.prefill); the record "
+                   "is written as model-NAME-chunkN")  # fmt: skip
     p.add_argument("--out", default="benchmarks/results")
 
 
@@ -994,13 +1013,15 @@ def main(args: argparse.Namespace) -> int:
     settings = Settings(
         lengths=tuple(parse_lengths(args.lengths)), specs=tuple(split_method_specs(args.methods)), warmup=args.warmup,
         repeats=args.repeats, rope_scale=args.rope_scale, answer_tokens=args.answer_tokens, depth=args.depth,
-        seed=args.seed, min_seq_len=args.min_seq_len, time_budget_s=args.time_budget,
+        seed=args.seed, min_seq_len=args.min_seq_len, time_budget_s=args.time_budget, chunk_size=args.chunk_size,
     )  # fmt: skip
+    if args.chunk_size is not None and args.chunk_size <= 0:
+        raise ValueError(f"--chunk-size must be a positive number of tokens, got {args.chunk_size}")
     parse_configs(settings.specs, min_seq_len=settings.min_seq_len)  # bad specs fail before the model loads
     start = time.perf_counter()
     model, tokenizer = load_bench_model(args.model, device=device, dtype=args.dtype)
     logger.info("%s ready on %s in %.1f s", args.model, device, time.perf_counter() - start)
-    slug = Path(str(args.model)).stem.lower()
+    slug = Path(str(args.model)).stem.lower() + ("" if args.chunk_size is None else f"-chunk{args.chunk_size}")
 
     def checkpoint(record: dict[str, Any]) -> None:
         write_record(record, args.out, device_stem(record, f"model-{slug}"))

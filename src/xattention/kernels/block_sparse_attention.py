@@ -33,6 +33,51 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2, 3, 4)]
 
 
+@triton.jit
+def _attend_blocks(
+    q, m_i, l_i, acc, KDesc, VDesc, k_base, v_base, idx_base, lo, hi, skl, svl, batch, kv_head, q_pos, scale_log2, k_len,
+    D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of ``(m_i, l_i, acc)`` over the kept key blocks listed at ``idx_base[lo:hi]``.
+
+    ``MASKED``: apply the causal and padding mask (the row's diagonal and last blocks); else every key is visible.
+    """
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    for j in range(lo, hi):
+        col = tl.load(idx_base + j)
+        offs_k = col * BLOCK + offs_n
+        k_ok = offs_k < k_len
+        if USE_TMA:  # the copy engine zero-fills rows past k_len
+            k = KDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+            v = VDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
+        elif MASKED:
+            kv_ok = k_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=kv_ok, other=0.0)
+        else:
+            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        if MASKED:
+            ok = k_ok[None, :]
+            if CAUSAL:
+                ok = ok & (offs_k[None, :] <= q_pos[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_shift = m_new
+        if MASKED:  # a row that has seen no visible key yet keeps max -inf; shift by 0 so exp2 gives 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
 @triton.autotune(configs=_configs(), key=["BLOCK", "BLOCK_D", "CAUSAL", "G", "USE_TMA"])
 @triton.jit
 def _block_sparse_attention_fwd(
@@ -50,7 +95,6 @@ def _block_sparse_attention_fwd(
     kv_head = head // G
 
     offs_m = row * BLOCK + tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     q = tl.load(
@@ -69,50 +113,15 @@ def _block_sparse_attention_fwd(
     m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK], dtype=tl.float32)
     acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
-
-    # Blocks entirely visible to every query of the row: no mask.
-    for j in range(0, n_full):
-        col = tl.load(idx_base + j)
-        if USE_TMA:
-            k = KDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
-            v = VDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
-        else:
-            offs_k = col * BLOCK + offs_n
-            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-
-    # Diagonal and last (partial) blocks: causal and padding mask.
-    for j in range(n_full, count):
-        col = tl.load(idx_base + j)
-        offs_k = col * BLOCK + offs_n
-        k_ok = offs_k < k_len
-        if USE_TMA:  # the copy engine zero-fills rows past k_len
-            k = KDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
-            v = VDesc.load([batch, kv_head, col * BLOCK, 0]).reshape(BLOCK, BLOCK_D)
-        else:
-            kv_ok = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(v_base + offs_k[:, None] * svl + offs_d[None, :], mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        ok = k_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_k[None, :] <= q_pos[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Blocks entirely visible to every query of the row need no mask; the diagonal and last (partial) ones do.
+    m_i, l_i, acc = _attend_blocks(
+        q, m_i, l_i, acc, KDesc, VDesc, k_base, v_base, idx_base, 0, n_full, skl, svl, batch, kv_head, q_pos, scale_log2,
+        k_len, D, BLOCK, BLOCK_D, MASKED=False, CAUSAL=CAUSAL, USE_TMA=USE_TMA,
+    )  # fmt: skip
+    m_i, l_i, acc = _attend_blocks(
+        q, m_i, l_i, acc, KDesc, VDesc, k_base, v_base, idx_base, n_full, count, skl, svl, batch, kv_head, q_pos,
+        scale_log2, k_len, D, BLOCK, BLOCK_D, MASKED=True, CAUSAL=CAUSAL, USE_TMA=USE_TMA,
+    )  # fmt: skip
 
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

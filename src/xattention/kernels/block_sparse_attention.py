@@ -19,7 +19,7 @@ from torch import Tensor
 from ..block_mask import causal_block_bounds, full_block_limit
 from . import tma_usable
 
-__all__ = ["block_sparse_attention", "mask_to_indices"]
+__all__ = ["block_sparse_attention", "mask_to_indices", "split_block_lists"]
 
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural log of 2: converts log2 sums back to nats
@@ -184,6 +184,15 @@ def mask_to_indices(
     return (indices, counts) if full_max is None else (indices, counts, n_full)
 
 
+def split_block_lists(mask: Tensor, *, q_len: int, k_len: int, block_size: int, causal: bool) -> tuple[Tensor, ...]:
+    """The attention kernels' index lists of bool ``[B, H, Qb, Kb]``: ``(indices, counts, n_full)`` of
+    :func:`mask_to_indices`, the first ``n_full`` of a row's kept columns those every query of the row sees entirely
+    (:func:`~xattention.block_mask.full_block_limit`, no mask needed), columns past the row's last visible one dropped."""
+    full_max = full_block_limit(q_len, k_len, block_size, causal, mask.device)
+    visible_max = causal_block_bounds(q_len, k_len, block_size, mask.device)[1] if causal else None
+    return mask_to_indices(mask, full_max, visible_max)
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -213,9 +222,7 @@ def block_sparse_attention(
         raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     qb, kb = mask.shape[2], mask.shape[3]
-    full_max = full_block_limit(lq, lk, block_size, causal, q.device)
-    visible_max = causal_block_bounds(lq, lk, block_size, q.device)[1] if causal else None
-    indices, counts, n_full = mask_to_indices(mask, full_max, visible_max)
+    indices, counts, n_full = split_block_lists(mask, q_len=lq, k_len=lk, block_size=block_size, causal=causal)
 
     block_d = max(16, triton.next_power_of_2(d))
     if use_tma is None:

@@ -4,7 +4,7 @@ Block-sparse, dense and sliding-window forwards. A :class:`~xattention.block_mas
 ``BlockSparseTensorsTorch`` on the device without a host synchronisation: the kept blocks each row sees entirely go in
 the "full" lists (no masking), the rest of its visible kept blocks (at most two: the diagonal ones and the padded last
 block) in the "mask" lists, where FA4 applies the causal and length masks. The split is
-:func:`~xattention.block_mask.full_block_limit`, the one the Triton kernel uses.
+:func:`~xattention.kernels.block_sparse_attention.split_block_lists`, the one the Triton kernel uses.
 
 Nothing here imports ``flash_attn`` at import time.
 """
@@ -16,7 +16,6 @@ import math
 import torch
 from torch import Tensor
 
-from ..block_mask import causal_block_bounds, full_block_limit
 from . import capability
 
 __all__ = [
@@ -69,11 +68,9 @@ def block_sparse_tensors(mask: Tensor, *, q_len: int, k_len: int, block_size: in
     """
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    from .block_sparse_attention import mask_to_indices
+    from .block_sparse_attention import split_block_lists
 
-    full_max = full_block_limit(q_len, k_len, block_size, causal, mask.device)
-    visible_max = causal_block_bounds(q_len, k_len, block_size, mask.device)[1] if causal else None
-    indices, counts, n_full = mask_to_indices(mask, full_max, visible_max)
+    indices, counts, n_full = split_block_lists(mask, q_len=q_len, k_len=k_len, block_size=block_size, causal=causal)
     width = min(MAX_MASKED_PER_ROW, indices.shape[-1])
     slots = (n_full.long()[..., None] + torch.arange(width, device=mask.device)).clamp_(max=indices.shape[-1] - 1)
     masked_idx = torch.gather(indices, -1, slots).contiguous()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-__all__ = ["check_qkv"]
+from .block_mask import BlockMask
+
+__all__ = ["check_block_mask", "check_qkv"]
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, int, int, int, int, int]:
@@ -44,3 +46,19 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor | None = None) -> tuple[int, int, 
     if b == 0 or d == 0:
         raise ValueError(f"batch and head dim must be positive, got B={b}, D={d}")
     return b, hq, hkv, lq, lk, d
+
+
+def check_block_mask(mask: BlockMask, q: Tensor, k: Tensor) -> None:
+    """Validate that ``mask`` is a :class:`BlockMask` for checked q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lk, D]``: shape
+    ``[B, Hq, ceil(Lq/b), ceil(Lk/b)]``, ``q_len == Lq``, ``k_len == Lk``, on q's device."""
+    if not isinstance(mask, BlockMask):
+        raise ValueError(f"mask must be an xattention.BlockMask, got {type(mask).__name__}")
+    (bsz, hq, lq), lk = q.shape[:3], k.shape[2]
+    expected = (bsz, hq, -(-lq // mask.block_size), -(-lk // mask.block_size))
+    if mask.shape != expected or mask.q_len != lq or mask.k_len != lk:
+        raise ValueError(
+            f"BlockMask of shape {mask.shape} (q_len={mask.q_len}, k_len={mask.k_len}) does not fit q/k: "
+            f"need shape {expected} with q_len={lq}, k_len={lk}"
+        )
+    if mask.mask.device != q.device:
+        raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._logging import warn_once
-from ._validation import check_qkv
+from ._validation import check_block_mask, check_qkv
 from .block_mask import BlockMask, check_lengths
 from .kernels import fa4, ops, resolve_backend
 from .methods.base import Method
@@ -106,17 +106,8 @@ def block_sparse_attention(
         ``[B, Hq, Lq, D]`` in q's dtype (possibly a strided view), and the LSE with ``return_lse``. A query with no
         visible kept key gets zeros.
     """
-    bsz, hq, _, lq, lk, _ = check_qkv(q, k, v)
-    if not isinstance(mask, BlockMask):
-        raise ValueError(f"mask must be an xattention.BlockMask, got {type(mask).__name__}")
-    expected = (bsz, hq, -(-lq // mask.block_size), -(-lk // mask.block_size))
-    if mask.shape != expected or mask.q_len != lq or mask.k_len != lk:
-        raise ValueError(
-            f"BlockMask of shape {mask.shape} (q_len={mask.q_len}, k_len={mask.k_len}) does not fit q/k: "
-            f"need shape {expected} with q_len={lq}, k_len={lk}"
-        )
-    if mask.mask.device != q.device:
-        raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")
+    check_qkv(q, k, v)
+    check_block_mask(mask, q, k)
     chosen = resolve_backend(backend, q.device, supported=("reference", "triton", "flex", "fa4"))
     if chosen in ("fa4", "triton"):
         out, lse = _gpu_attention(q, k, v, mask, scale, chosen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ._validation import check_qkv
+from ._validation import check_block_mask, check_qkv
 from .block_mask import BlockMask
 from .kernels.reference import DEFAULT_CHUNK_ELEMENTS, true_block_scores
 
@@ -27,11 +27,8 @@ def attention_mass_kept(
     Returns:
         float32 ``[B, Hq]``, the mean over queries of the kept probability mass (1.0 for the dense mask).
     """
-    _, _, _, lq, lk, _ = check_qkv(q, k)
-    if mask.q_len != lq or mask.k_len != lk or mask.shape[:2] != (q.shape[0], q.shape[1]):
-        raise ValueError(f"BlockMask {mask.shape} (q_len={mask.q_len}, k_len={mask.k_len}) does not fit q/k")
-    if mask.mask.device != q.device:
-        raise ValueError(f"BlockMask is on {mask.mask.device} but q is on {q.device}")
+    _, _, _, lq, _, _ = check_qkv(q, k)
+    check_block_mask(mask, q, k)
     if chunk_elements is None:
         chunk_elements = DEFAULT_CHUNK_ELEMENTS if q.device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
     true = true_block_scores(q, k, block_size=mask.block_size, causal=mask.causal, scale=scale, chunk_elements=chunk_elements)

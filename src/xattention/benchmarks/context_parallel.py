@@ -38,7 +38,7 @@ import torch
 from .._common import synchronize
 from .._parsing import parse_lengths, torch_dtype
 from ..methods.registry import split_method_specs
-from .records import device_stem
+from .records import device_stem, markdown_table
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -281,23 +281,16 @@ def _check_row(
 
 
 def format_table(record: dict[str, Any]) -> str:
-    lines = [
-        f"world size {record['world_size']} on {record['device']} ({record['backend']})",
-        "",
-        "| L | method | layout | density | ring ms | single ms | ring/single | est. MiB sent (max rank) | attn MiB sent "
-        "(max rank) | skipped transfers | skipped computes | max err | masks equal |",
-        "|---" * 13 + "|",
-    ]
-    for r in record["rows"]:
-        single = r["single_ms"]
-        lines.append(
-            f"| {r['length']} | {r['method']} | {r['layout']} | {r['density']:.3f} | {r['ring_ms']:.3f} | "
-            f"{single if single is None else f'{single:.3f}'} | {r.get('ring_over_single', math.nan):.3f} | "
-            f"{r['estimate_bytes_sent_max'] / 2**20:.3f} | {r['attention_bytes_sent_max'] / 2**20:.3f} | "
-            f"{r['attention_messages_skipped']} | {r['attention_computes_skipped']} | "
-            f"{r.get('max_abs_err', '-')} | {r.get('masks_equal', '-')} |"
-        )
-    return "\n".join(lines)
+    table = markdown_table(
+        ["L", "method", "layout", "density", "ring ms", "single ms", "ring/single", "est. MiB sent (max rank)",
+         "attn MiB sent (max rank)", "skipped transfers", "skipped computes", "max err", "masks equal"],
+        ([r["length"], r["method"], r["layout"], f"{r['density']:.3f}", f"{r['ring_ms']:.3f}",
+          None if r["single_ms"] is None else f"{r['single_ms']:.3f}", f"{r.get('ring_over_single', math.nan):.3f}",
+          f"{r['estimate_bytes_sent_max'] / 2**20:.3f}", f"{r['attention_bytes_sent_max'] / 2**20:.3f}",
+          r["attention_messages_skipped"], r["attention_computes_skipped"], r.get("max_abs_err", "-"),
+          r.get("masks_equal", "-")] for r in record["rows"]),
+    )  # fmt: skip
+    return "\n".join([f"world size {record['world_size']} on {record['device']} ({record['backend']})", "", *table])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._parsing import parse_lengths
-from .records import device_stem, write_record
+from .records import device_stem, markdown_table, write_record
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -334,33 +334,27 @@ def cell(value: float | None) -> str:
 
 
 def format_table(record: dict[str, Any]) -> str:
-    lines = [
-        "| L | FA4 dense ms | cuDNN ms | flash ms | density | default ms | Triton ms | FA4 prebuilt ms | default/FA4 | "
-        "flex ms |",
-        "|---" * 10 + "|",
-    ]
-    for r in record["rows"]:
-        for s in r["sparse"]:
-            lines.append(
-                f"| {r['length']} | {cell(r['dense_fa4_ms'])} | {cell(r['dense_cudnn_ms'])} | {cell(r['dense_flash_ms'])} | "
-                f"{s['density']:.3f} | {s['auto_ms']:.2f} | {s['triton_ms']:.2f} | {cell(s.get('fa4_prebuilt_ms'))} | "
-                f"{cell(s.get('auto_vs_fa4_prebuilt'))} | {cell(s.get('flex_ms'))} |"
-            )
-    lines += ["", "| L | default XAttention() ms | vs FA4 dense | vs cuDNN |", "|---|---|---|---|"]
-    for r in record["rows"]:
-        lines.append(
-            f"| {r['length']} | {r['default_method_ms']:.3f} | {cell(r['speedup_vs_fa4'])} | {cell(r['speedup_vs_cudnn'])} |"
-        )
-    lines += ["", "| L | S | shared | score ms | score TFLOP/s | select ms | estimate ms | density | attend ms | e2e ms | "
-              "vs FA4 dense | vs cuDNN |", "|---" * 12 + "|"]  # fmt: skip
-    for r in record["rows"]:
-        for s in r["selection"]:
-            lines.append(
-                f"| {r['length']} | {s['stride']} | {s['shared_kv_mask']} | {s['score_ms']:.2f} | {s['score_tflops']:.0f} | "
-                f"{s['select_ms']:.2f} | {s['estimate_ms']:.2f} | {s['density']:.3f} | {s['attend_ms']:.2f} | "
-                f"{s['end_to_end_ms']:.2f} | {cell(s['speedup_vs_fa4'])} | {cell(s['speedup_vs_cudnn'])} |"
-            )
-    return "\n".join(lines)
+    rows = record["rows"]
+    sparse = markdown_table(
+        ["L", "FA4 dense ms", "cuDNN ms", "flash ms", "density", "default ms", "Triton ms", "FA4 prebuilt ms", "default/FA4",
+         "flex ms"],
+        ([r["length"], cell(r["dense_fa4_ms"]), cell(r["dense_cudnn_ms"]), cell(r["dense_flash_ms"]), f"{s['density']:.3f}",
+          f"{s['auto_ms']:.2f}", f"{s['triton_ms']:.2f}", cell(s.get("fa4_prebuilt_ms")), cell(s.get("auto_vs_fa4_prebuilt")),
+          cell(s.get("flex_ms"))] for r in rows for s in r["sparse"]),
+    )  # fmt: skip
+    default = markdown_table(
+        ["L", "default XAttention() ms", "vs FA4 dense", "vs cuDNN"],
+        ([r["length"], f"{r['default_method_ms']:.3f}", cell(r["speedup_vs_fa4"]), cell(r["speedup_vs_cudnn"])] for r in rows),
+    )
+    selection = markdown_table(
+        ["L", "S", "shared", "score ms", "score TFLOP/s", "select ms", "estimate ms", "density", "attend ms", "e2e ms",
+         "vs FA4 dense", "vs cuDNN"],
+        ([r["length"], s["stride"], s["shared_kv_mask"], f"{s['score_ms']:.2f}", f"{s['score_tflops']:.0f}",
+          f"{s['select_ms']:.2f}", f"{s['estimate_ms']:.2f}", f"{s['density']:.3f}", f"{s['attend_ms']:.2f}",
+          f"{s['end_to_end_ms']:.2f}", cell(s["speedup_vs_fa4"]), cell(s["speedup_vs_cudnn"])]
+         for r in rows for s in r["selection"]),
+    )  # fmt: skip
+    return "\n".join([*sparse, "", *default, "", *selection])
 
 
 if __name__ == "__main__":

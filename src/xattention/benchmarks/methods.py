@@ -18,7 +18,7 @@ import torch
 from .._parsing import parse_lengths
 from ..methods.registry import split_method_specs
 from .kernels import bench_ms, cell, dense_baselines
-from .records import device_stem, write_record
+from .records import device_stem, markdown_table, write_record
 
 __all__ = ["DEFAULT_METHODS", "add_arguments", "main", "run"]
 
@@ -94,16 +94,14 @@ def run(lengths: list[int], specs: list[str], *, heads: int, kv_heads: int, head
 
 
 def format_table(record: dict[str, Any]) -> str:
-    lines = [
-        "| L | method | density | mass kept | estimate ms | attend ms | select+attend ms | vs FA4 dense | vs cuDNN |",
-        "|---" * 9 + "|",
-    ]
-    for r in record["rows"]:
-        lines.append(
-            f"| {r['length']} | {r['method']} | {r['density']:.3f} | {r['mass_kept']:.3f} | {r['estimate_ms']:.2f} | "
-            f"{r['attend_ms']:.2f} | {r['end_to_end_ms']:.2f} | {cell(r['speedup_vs_fa4'])}x | {cell(r['speedup_vs_cudnn'])}x |"
+    return "\n".join(
+        markdown_table(
+            ["L", "method", "density", "mass kept", "estimate ms", "attend ms", "select+attend ms", "vs FA4 dense", "vs cuDNN"],
+            ([r["length"], r["method"], f"{r['density']:.3f}", f"{r['mass_kept']:.3f}", f"{r['estimate_ms']:.2f}",
+              f"{r['attend_ms']:.2f}", f"{r['end_to_end_ms']:.2f}", f"{cell(r['speedup_vs_fa4'])}x",
+              f"{cell(r['speedup_vs_cudnn'])}x"] for r in record["rows"]),
         )
-    return "\n".join(lines)
+    )  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -66,7 +66,7 @@ from .._parsing import parse_lengths
 from ..methods.base import Method
 from ..methods.dense import Dense
 from ..methods.registry import split_method_specs
-from .records import device_stem, write_record
+from .records import device_stem, markdown_table, write_record
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -901,24 +901,22 @@ def _speedup(record: dict[str, Any], row: dict[str, Any]) -> float | None:
 
 def format_table(record: dict[str, Any]) -> str:
     """Markdown table: one line per row; a row whose answer check failed shows no speed."""
-    lines = [
-        "| L | config | TTFT best ms | median ms | vs sdpa | peak GiB | density | select | sparse | dense attn | local | rest"
-        " | decode | answer |",
-        "|---" * 14 + "|",
-    ]
+    header = ["L", "config", "TTFT best ms", "median ms", "vs sdpa", "peak GiB", "density", "select", "sparse", "dense attn",
+              "local", "rest", "decode", "answer"]  # fmt: skip
+    cells = []
     for r in record["rows"]:
         s = r["profiled"]["stages_ms"]
         flags = " (composed)" if r["composed"] and "(composed)" not in r["config"] else ""
         flags += " (speed only)" if r["speed_only"] else ""
-        answer = r["answer"]["status"]
         if not r["speed_valid"]:
-            speed = "answer wrong | — | —"
+            speed = ["answer wrong", "—", "—"]
         else:
             sp = r.get("ttft_vs_sdpa")
-            speed = f"{r['ttft_ms']['best']:.2f} | {r['ttft_ms']['median']:.2f} | {'—' if sp is None else f'{sp:.2f}x'}"
+            speed = [f"{r['ttft_ms']['best']:.2f}", f"{r['ttft_ms']['median']:.2f}", "—" if sp is None else f"{sp:.2f}x"]
         peak = "—" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.2f}"
-        stages = " | ".join(f"{s[k]:.2f}" for k in STAGES)
-        lines.append(f"| {r['length']} | {r['config']}{flags} | {speed} | {peak} | {r['density']:.3f} | {stages} | {answer} |")
+        stages = [f"{s[k]:.2f}" for k in STAGES]
+        cells.append([r["length"], f"{r['config']}{flags}", *speed, peak, f"{r['density']:.3f}", *stages, r["answer"]["status"]])
+    lines = markdown_table(header, cells)
     for note in record["notes"] + ([record["stopped"]] if record["stopped"] else []):
         lines.append(f"\nnote: {note}")
     return "\n".join(lines)

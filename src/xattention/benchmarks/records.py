@@ -1,14 +1,14 @@
-"""Where benchmark records go: ``OUT/STEM.json`` (and a plot beside it), named by GPU and date."""
+"""Where benchmark records go: ``OUT/STEM.json`` (and a plot beside it), named by GPU and date; their Markdown tables."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["device_stem", "write_record"]
+__all__ = ["device_stem", "markdown_table", "write_record"]
 
 
 def device_stem(record: dict[str, Any], kind: str, *, device_key: str = "gpu") -> str:
@@ -31,3 +31,13 @@ def write_record(
     if plot is not None:
         plot(record, out / f"{stem}.png")
     return path
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """The lines of a Markdown table: ``| a | b |`` for ``header``, its ``|---|---|`` rule, then one line per row of
+    cells (each written with ``str``)."""
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    return [line(header), "|---" * len(header) + "|", *(line(r) for r in rows)]

@@ -8,15 +8,30 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import os
 
 import torch
 
-__all__ = ["BACKENDS", "capability", "fa4_available", "fa4_usable", "resolve_backend", "tma_usable", "triton_usable"]
+__all__ = [
+    "BACKENDS",
+    "capability",
+    "fa4_available",
+    "fa4_usable",
+    "resolve_backend",
+    "softmax_scale",
+    "tma_usable",
+    "triton_usable",
+]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "reference", "triton", "flex", "fa4")
+
+
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The attention score scale: ``scale`` when given, else ``1 / sqrt(head_dim)``."""
+    return scale if scale is not None else 1.0 / math.sqrt(head_dim)
 
 
 # Constants for one process: torch.compile reads them once instead of tracing into importlib / the CUDA driver.

@@ -8,7 +8,6 @@ are launched next to each other, so a K/V block fetched for one is served from L
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -17,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..block_mask import causal_block_bounds, full_block_limit
-from . import tma_usable
+from . import softmax_scale, tma_usable
 
 __all__ = ["block_sparse_attention", "mask_to_indices", "split_block_lists"]
 
@@ -234,7 +233,7 @@ def block_sparse_attention(
         k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, block_d]) for t in (k, v))
     out = torch.empty_like(q)
     lse = torch.empty(bsz, hq, lq, dtype=torch.float32, device=q.device) if return_lse else out
-    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) * LOG2E
+    factor = softmax_scale(scale, d) * LOG2E
     grid = (bsz * hq, qb)
     _block_sparse_attention_fwd[grid](
         q, k, v, k_desc, v_desc, out, lse, indices, counts, n_full,

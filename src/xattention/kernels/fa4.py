@@ -11,12 +11,10 @@ Nothing here imports ``flash_attn`` at import time.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from . import capability
+from . import capability, softmax_scale
 
 __all__ = [
     "block_sparse_attention",
@@ -88,7 +86,7 @@ def _fa4_forward(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None, **kwar
     ``[B, L, H, D]`` result, and its LSE ``[B, H, L]`` when asked (``return_lse=True`` in ``kwargs``)."""
     from flash_attn.cute import flash_attn_func
 
-    factor = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    factor = softmax_scale(scale, q.shape[-1])
     out, lse = flash_attn_func(_bshd(q), _bshd(k), _bshd(v), softmax_scale=factor, **kwargs)
     return out.transpose(1, 2), lse
 

@@ -9,13 +9,13 @@ with a bottom-right causal ``mask_mod``. Needs torch only (the index lists come 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..block_mask import block_indices, full_block_limit
+from . import softmax_scale
 
 __all__ = ["block_sparse_attention", "flex_block_mask"]
 
@@ -70,6 +70,6 @@ def block_sparse_attention(
     """
     lq, lk, d = q.shape[2], k.shape[2], q.shape[3]
     block_mask = flex_block_mask(mask, block_size=block_size, q_len=lq, k_len=lk, causal=causal)
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=factor, enable_gqa=q.shape[1] != k.shape[1])
     return out

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_mask import forced_blocks, visible_blocks
+from . import softmax_scale
 
 __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
@@ -150,7 +151,7 @@ def true_block_scores(
     hkv, lk = k.shape[1], k.shape[2]
     g, b = hq // hkv, block_size
     qb, kb = -(-lq // b), -(-lk // b)
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     qf = _pad_len(q.float(), qb * b).view(bsz, hkv, g, qb * b, d)
     kf = k.float()
     k_pos = torch.arange(lk, device=q.device)
@@ -205,7 +206,7 @@ def block_sparse_attention(
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     b, qb = block_size, mask.shape[2]
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     kf, vf = k.float(), v.float()
     out = torch.empty_like(q)
     step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
@@ -288,7 +289,7 @@ def antidiagonal_partial_scores(
     qb, kb = -(-lq_s // b), -(-lk_s // b)
     qt = _pad_len(q.float(), qb * b).reshape(bsz, hkv, g, qb * r, s, d).flip(-2).reshape(bsz, hkv, g, qb * r, s * d)
     kt = _pad_len(k.float(), kb * b).reshape(bsz, hkv, kb * r, s * d)
-    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / s
+    factor = softmax_scale(scale, d) / s
 
     u = k_start // s + torch.arange(kb * r, device=q.device)
     key_ok = u * s < k_len
@@ -439,7 +440,7 @@ def block_sparse_attention_lse(
     hkv, lk = k.shape[1], k.shape[2]
     g, b = hq // hkv, block_size
     qb = mask.shape[2]
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     qf = q.float().reshape(bsz, hkv, g, lq, d)
     kf, vf = k.float(), v.float()
     mask = mask.reshape(bsz, hkv, g, qb, mask.shape[3])

@@ -3,7 +3,6 @@ Efficient Long-Sequence Inference", ICLR 2025, arXiv:2502.20766)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from .._validation import check_qkv
 from ..block_mask import BlockMask, visible_blocks
+from ..kernels import softmax_scale
 from ..kernels.reference import cumulative_select
 from .base import Method
 from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
@@ -104,7 +104,7 @@ class FlexPrefill(Method):
         b = self.block_size
         t = min(b, lq)
         kb = -(-lk // b)
-        factor = scale if scale is not None else 1.0 / math.sqrt(d)
+        factor = softmax_scale(scale, d)
         true = torch.nn.functional.pad(vertical, (0, kb * b - lk)).view(bsz, hq, kb, b).sum(dim=-1) / t
         q_pool = q[:, :, lq - t :].sum(dim=-2, dtype=torch.float32).view(bsz, hkv, hq // hkv, d) / t
         k_pool = block_mean(k, b)  # [B, Hkv, Kb, D]
@@ -127,7 +127,7 @@ class FlexPrefill(Method):
         row's columns after its last diagonal block get zero)."""
         bsz, hq, hkv, lq, lk, d = check_qkv(q, k)
         b = self.block_size
-        factor = scale if scale is not None else 1.0 / math.sqrt(d)
+        factor = softmax_scale(scale, d)
         q_pool = block_mean(q, b).view(bsz, hkv, hq // hkv, -1, d)
         k_pool = block_mean(k, b)
         logits = torch.einsum("bhgrd,bhcd->bhgrc", q_pool, k_pool).reshape(bsz, hq, q_pool.shape[-2], -1) * factor

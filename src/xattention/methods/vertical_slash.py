@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..block_mask import BlockMask
+from ..kernels import softmax_scale
 from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, cumulative_select
 from .base import Method, check_fraction
 
@@ -61,7 +62,7 @@ def last_queries_line_sums(
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv
     t = min(last_q, lq)
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     qf = q[:, :, lq - t :].float().view(bsz, hkv, g, t, d)
     kf = k.float()
     k_pos = torch.arange(lk, device=q.device)

@@ -59,7 +59,7 @@ def annotated(cls: type) -> dict[str, tuple[type, ...]]:
 TEXTS = st.sampled_from(
     ["true", "false", "TRUE", "False", "yes", "no", "maybe", "1", "0", "-1", "8", "16", "128", "0.5", "1.0", "1e-3",
      "8.0", "nan", "inf", "-inf", "none", "None", "", "abc", "0x10", "1_0"]
-)
+)  # fmt: skip
 
 
 def _fits(value: object, allowed: tuple[type, ...]) -> bool:

@@ -156,6 +156,7 @@ def test_xattention_config_errors(kwargs: dict, message: str) -> None:
 
 def test_a_subclass_field_of_another_type_is_checked_too() -> None:
     """The base reads every subclass annotation: str and list fields are checked, ``Any``/``Literal`` left to the class."""
+
     @dataclass(kw_only=True, eq=False)
     class Tagged(xa.Dense):
         name: ClassVar[str] = "tagged"

@@ -372,9 +372,7 @@ def _profiling(model: Any, method: Method | None, log: _StageLog) -> Iterator[No
                 cls.estimate = own_estimate  # type: ignore[method-assign]
 
 
-def profile_stages(
-    model: Any, input_ids: Tensor, method: Method | None = None, chunk_size: int | None = None
-) -> dict[str, Any]:
+def profile_stages(model: Any, input_ids: Tensor, method: Method | None = None, chunk_size: int | None = None) -> dict[str, Any]:
     """One TTFT run (as :func:`time_to_first_token`, no warm-up) split into :data:`STAGES` (ms).
 
     Args:
@@ -641,9 +639,7 @@ def measure_config(
     """Answer + density, TTFT repeats, the profiled run: one result row (without the length fields)."""
     answer, layer_density = _answer_and_density(model, tokenizer, ids, passkey, config, settings)
     with applied(model, config.method):
-        ttft = time_to_first_token(
-            model, ids, warmup=settings.warmup, repeats=settings.repeats, chunk_size=settings.chunk_size
-        )
+        ttft = time_to_first_token(model, ids, warmup=settings.warmup, repeats=settings.repeats, chunk_size=settings.chunk_size)
         profiled = profile_stages(model, ids, config.method, settings.chunk_size)
     profiled["source"] = "one extra run with CUDA events around every prefill attention call and every selection"
     real = [1.0 if d is None else d for d in layer_density]  # None: that layer ran dense (below min_seq_len)

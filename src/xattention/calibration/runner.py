@@ -268,5 +268,3 @@ def _interpolate(xs: Tensor, ys: Tensor, x: float) -> float | None:
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return None
-
-

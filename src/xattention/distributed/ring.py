@@ -181,7 +181,6 @@ class _Problem:
         return _with_local_offsets(self.layout.token_runs(origin))
 
 
-
 def _with_local_offsets(runs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     out, offset = [], 0
     for s, e in runs:

@@ -158,9 +158,7 @@ def _mask_to_indices_fwd(
         tl.store(NFull + row_id, tl.sum((kept & (cols <= full_max)).to(tl.int32), 0))
 
 
-def mask_to_indices(
-    mask: Tensor, full_max: Tensor | None = None, visible_max: Tensor | None = None
-) -> tuple[Tensor, ...]:
+def mask_to_indices(mask: Tensor, full_max: Tensor | None = None, visible_max: Tensor | None = None) -> tuple[Tensor, ...]:
     """bool ``[B, H, Qb, Kb]`` -> index lists in one pass (no sort).
 
     Returns ``(indices, counts)``: int32 ``[B, H, Qb, Kb]`` with each row's kept columns ascending then padding ``Kb``,

@@ -120,9 +120,7 @@ def block_sparse_attention(
         # one "batch" element per K/V head, each with its group's G query heads and one mask broadcast over them
         fq = q.reshape(hkv, group, lq, d)
         fk, fv = (t.reshape(hkv, 1, lk, d) for t in (k, v))
-        tensors = block_sparse_tensors(
-            mask[0, ::group].unsqueeze(1), q_len=lq, k_len=lk, block_size=block_size, causal=causal
-        )
+        tensors = block_sparse_tensors(mask[0, ::group].unsqueeze(1), q_len=lq, k_len=lk, block_size=block_size, causal=causal)
         out, lse = _fa4_forward(fq, fk, fv, scale=scale, return_lse=return_lse, causal=causal,
                                 block_sparse_tensors=tensors, pack_gqa=True)  # fmt: skip
         # FA4 wrote [Hkv, Lq, G, D]: one copy into [1, Lq, Hq, D], returned as the usual [B, Hq, Lq, D] view

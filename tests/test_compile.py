@@ -113,3 +113,15 @@ def test_capability_checks_trace_as_constants(monkeypatch: pytest.MonkeyPatch) -
     hopper = lambda: kernels.capability(device) >= 80 and kernels.capability(device) // 10 == 9
     compiled = torch.compile(lambda x: x * (2 if hopper() else 3), fullgraph=True)
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_install_checks_are_constants_under_compile() -> None:
+    """The checks the GPU dispatch makes (FA4 importable, Triton installed) trace as constants: dynamo cannot trace
+    importlib.util.find_spec, and the H200 run of test_default_gpu_path_compiles_fullgraph broke on fa4_available."""
+    from xattention.kernels import _installed, fa4_available
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + (1.0 if fa4_available() else 2.0) + (1.0 if _installed("triton") else 0.0)
+
+    x = torch.zeros(3)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

@@ -71,7 +71,7 @@ def _span_facts(keep: Tensor, window: int | None) -> Tensor:
         i0 = real.to(torch.uint8).argmax()  # the first real row
         e = torch.where(real, last, -1).max()  # the last key any real row sees
         i1 = (real & (last == e)).to(torch.uint8).argmax()  # the first row that sees it: the last real row
-        s = first[i0]
+        s = first.gather(0, i0.view(1))[0]  # first[i0] with a 0-d device index would read it back (a sync)
         run = (rows >= i0) & (rows <= i1)
         lo = s if window is None else torch.clamp(last - window + 1, min=s)  # each real row's first key
         causal = (first == lo) & (last == e - (i1 - rows)) & (count == last - first + 1)

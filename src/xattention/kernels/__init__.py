@@ -70,10 +70,14 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
     return all(x.data_ptr() % 16 == 0 and x.stride(-1) == 1 and all(st * 2 % 16 == 0 for st in x.stride()[:-1]) for x in tensors)
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
+@torch.compiler.assume_constant_result  # on a plain function: dynamo does not honour it on a functools.cache wrapper
 def fa4_available() -> bool:
     """``flash_attn.cute`` (package ``flash-attn-4``) can be imported."""
+    return _fa4_importable()
+
+
+@functools.cache
+def _fa4_importable() -> bool:
     if importlib.util.find_spec("flash_attn") is None:
         return False
     try:

@@ -1,5 +1,6 @@
 """Per (layer, head, candidate threshold): the block density XAttention's mask would have and the exact attention mass
-it keeps, on captured post-RoPE ``q``/``k``."""
+it keeps, on captured post-RoPE ``q``/``k`` — over every query row, or over only the last block of query rows (the
+prompt's question and answer prefix: the rows whose attention produces the answer)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .._validation import check_qkv
 from ..block_mask import BlockMask
 from ..kernels import resolve_backend
 
-__all__ = ["DEFAULT_CANDIDATES", "MASS_TOL", "check_candidates", "head_statistics"]
+__all__ = ["DEFAULT_CANDIDATES", "MASS_TOL", "ROWS", "check_candidates", "head_statistics"]
 
 # Dense where XAttention's density changes fast (tau >= 0.9), coarse below; 1.0 keeps every block with a non-zero score
 # and is the fallback for heads that no smaller tau serves.
@@ -23,6 +24,9 @@ DEFAULT_CANDIDATES: tuple[float, ...] = (
 
 # Masses equal up to float64 rounding of a float32 sum count as reaching the target (tau = 1 keeps mass 0.99999994).
 MASS_TOL = 1e-6
+
+# Which query rows the mass column averages over: every row, or the last block_size rows (see head_statistics).
+ROWS: tuple[str, ...] = ("all", "last")
 
 
 def check_candidates(candidates: Sequence[float]) -> list[float]:
@@ -38,6 +42,19 @@ def check_candidates(candidates: Sequence[float]) -> list[float]:
     return values
 
 
+def _last_rows_probs(q: Tensor, k: Tensor, rows: int, scale: float | None) -> Tensor:
+    """Exact causal softmax probabilities of the last ``rows`` queries, float32 ``[B, Hq, rows, Lk]`` (queries aligned
+    to the end of the keys; query head ``h`` reads K head ``h // (Hq // Hkv)``)."""
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    q_last = q[:, :, lq - rows :].float().view(bsz, hkv, hq // hkv, rows, d)
+    logits = torch.einsum("bhgtd,bhud->bhgtu", q_last, k.float()).reshape(bsz, hq, rows, lk) * factor
+    positions = torch.arange(lk - rows, lk, device=q.device)  # the last rows' key positions
+    future = torch.arange(lk, device=q.device)[None, :] > positions[:, None]
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+
+
 def _layer_statistics(
     q: Tensor,
     k: Tensor,
@@ -47,6 +64,7 @@ def _layer_statistics(
     block_size: int,
     backend: str,
     scale: float | None,
+    rows: str,
 ) -> tuple[Tensor, Tensor]:
     """float64 ``(density [Hq, C], mass [Hq, C])`` for one layer, averaged over the batch."""
     from ..kernels import reference
@@ -59,14 +77,25 @@ def _layer_statistics(
         scoring = selection = reference
     # Scores once per layer; only the cheap selection runs per candidate.
     scores = scoring.antidiagonal_block_scores(q, k, stride=stride, block_size=block_size, causal=True, scale=scale)
-    true = reference.true_block_scores(q, k, block_size=block_size, causal=True, scale=scale)
+    if rows == "all":
+        true = reference.true_block_scores(q, k, block_size=block_size, causal=True, scale=scale)
+    else:  # only the last rows' probabilities: [B, Hq, n, Lk], n <= block_size, so no full attention matrix
+        n = min(block_size, lq)
+        probs = _last_rows_probs(q, k, n, scale)
+        first_row = (lq - n) // block_size  # the last n queries lie in block rows first_row ... Qb - 1
     density, mass = [], []
     for tau in candidates:
         keep = selection.select_blocks(scores, tau, q_len=lq, k_len=lk, block_size=block_size, causal=True)
         mask = BlockMask(keep, block_size, lq, lk, causal=True)
         density.append(mask.density_per_head().double().mean(dim=0))
-        # true_block_scores is zero above the causal diagonal, so no visibility mask is needed here
-        mass.append(((true * keep).sum(dim=(-1, -2)).double() / lq).mean(dim=0))
+        if rows == "all":
+            # true_block_scores is zero above the causal diagonal, so no visibility mask is needed here
+            mass.append(((true * keep).sum(dim=(-1, -2)).double() / lq).mean(dim=0))
+        else:
+            seen = reference.token_visibility(
+                keep[:, :, first_row:], lq - n, lq, q_len=lq, k_len=lk, block_size=block_size, causal=True
+            )  # fmt: skip
+            mass.append((probs * seen).sum(dim=-1).double().mean(dim=(0, 2)))
     return torch.stack(density, dim=-1), torch.stack(mass, dim=-1)
 
 
@@ -78,6 +107,7 @@ def head_statistics(
     block_size: int = 128,
     backend: str = "auto",
     scale: float | Mapping[int, float] | None = None,
+    rows: str = "all",
 ) -> tuple[Tensor, Tensor]:
     """Density and exact attention mass of XAttention's mask per (layer, head, candidate threshold).
 
@@ -86,7 +116,11 @@ def head_statistics(
     then, per candidate ``tau``, :func:`~xattention.kernels.reference.select_blocks` gives the mask, whose
 
     * density is the fraction of causally visible blocks kept (:meth:`BlockMask.density_per_head`), and
-    * mass is the exact softmax probability inside kept blocks, averaged over queries (1.0 for the dense mask).
+    * mass is the exact softmax probability inside kept blocks, averaged over the query rows that ``rows`` names
+      (1.0 for the dense mask): ``"all"`` (default) every query; ``"last"`` only the last ``min(block_size, Lq)``
+      queries — in a prompt that ends with its question (and a chat template's answer prefix) these are the rows whose
+      attention produces the answer, so this mass measures what the answer reads rather than what the whole prefill
+      reads. The density is the whole mask's in both cases: it is what the prefill costs.
 
     Both are averaged over the batch. Attention is causal with queries aligned to the end of the keys.
 
@@ -97,10 +131,13 @@ def head_statistics(
         stride: antidiagonal stride ``S`` (default 8); block_size: ``b`` (default 128), ``b % S == 0``.
         backend: ``"auto"`` (Triton on a capable GPU, else the PyTorch reference), ``"reference"`` or ``"triton"``.
         scale: softmax scale, one for all layers or ``{layer: scale}`` (default ``1/sqrt(D)``).
+        rows: ``"all"`` or ``"last"``, the query rows the mass averages over (see above).
     Returns:
         ``(density, mass)``, float64 ``[L, Hq, C]`` on the CPU, where row ``i`` is the ``i``-th layer of ``sorted(qk)``.
     """
     cands = check_candidates(candidates)
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     if not qk:
         raise ValueError("qk is empty: no attention layer was captured")
     if not isinstance(stride, int) or stride <= 0 or not isinstance(block_size, int) or block_size <= 0:
@@ -118,7 +155,9 @@ def head_statistics(
             raise ValueError(f"layer {layer} has {hq} query heads but earlier layers have {num_heads}")
         num_heads = hq
         layer_scale = scale.get(layer) if isinstance(scale, Mapping) else scale
-        d, m = _layer_statistics(q, k, cands, stride=stride, block_size=block_size, backend=backend, scale=layer_scale)
+        d, m = _layer_statistics(
+            q, k, cands, stride=stride, block_size=block_size, backend=backend, scale=layer_scale, rows=rows
+        )  # fmt: skip
         densities.append(d.cpu())
         masses.append(m.cpu())
     return torch.stack(densities), torch.stack(masses)

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_qkv
@@ -42,17 +43,26 @@ def check_candidates(candidates: Sequence[float]) -> list[float]:
     return values
 
 
-def _last_rows_probs(q: Tensor, k: Tensor, rows: int, scale: float | None) -> Tensor:
-    """Exact causal softmax probabilities of the last ``rows`` queries, float32 ``[B, Hq, rows, Lk]`` (queries aligned
-    to the end of the keys; query head ``h`` reads K head ``h // (Hq // Hkv)``)."""
+def _last_rows_block_mass(q: Tensor, k: Tensor, rows: int, block_size: int, scale: float | None) -> Tensor:
+    """Exact causal softmax probability of the last ``rows`` queries per (block row, key block), float32
+    ``[B, Hq, R, Kb]`` where block row ``0`` is the one holding query ``Lq - rows`` (queries aligned to the end of the
+    keys; query head ``h`` reads K head ``h // (Hq // Hkv)``). Zero above the causal diagonal, so a kept block keeps
+    exactly its entry."""
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
+    b = block_size
     factor = scale if scale is not None else 1.0 / math.sqrt(d)
-    q_last = q[:, :, lq - rows :].float().view(bsz, hkv, hq // hkv, rows, d)
+    q_last = q[:, :, lq - rows :].float().reshape(bsz, hkv, hq // hkv, rows, d)
     logits = torch.einsum("bhgtd,bhud->bhgtu", q_last, k.float()).reshape(bsz, hq, rows, lk) * factor
     positions = torch.arange(lk - rows, lk, device=q.device)  # the last rows' key positions
     future = torch.arange(lk, device=q.device)[None, :] > positions[:, None]
-    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    kb = -(-lk // b)
+    per_key_block = F.pad(probs, (0, kb * b - lk)).view(bsz, hq, rows, kb, b).sum(dim=-1)  # [B, Hq, rows, Kb]
+    first = (lq - rows) // b
+    block_row = torch.arange(lq - rows, lq, device=q.device) // b - first  # each row's block row, from 0
+    out = per_key_block.new_zeros(bsz, hq, int(block_row[-1]) + 1, kb)
+    return out.index_add_(2, block_row, per_key_block)
 
 
 def _layer_statistics(
@@ -79,10 +89,10 @@ def _layer_statistics(
     scores = scoring.antidiagonal_block_scores(q, k, stride=stride, block_size=block_size, causal=True, scale=scale)
     if rows == "all":
         true = reference.true_block_scores(q, k, block_size=block_size, causal=True, scale=scale)
-    else:  # only the last rows' probabilities: [B, Hq, n, Lk], n <= block_size, so no full attention matrix
+    else:  # only the last n <= block_size rows' probabilities, so no full attention matrix
         n = min(block_size, lq)
-        probs = _last_rows_probs(q, k, n, scale)
-        first_row = (lq - n) // block_size  # the last n queries lie in block rows first_row ... Qb - 1
+        last = _last_rows_block_mass(q, k, n, block_size, scale)  # [B, Hq, 1 or 2 block rows, Kb]
+        first_row = (lq - n) // block_size
     density, mass = [], []
     for tau in candidates:
         keep = selection.select_blocks(scores, tau, q_len=lq, k_len=lk, block_size=block_size, causal=True)
@@ -92,10 +102,7 @@ def _layer_statistics(
             # true_block_scores is zero above the causal diagonal, so no visibility mask is needed here
             mass.append(((true * keep).sum(dim=(-1, -2)).double() / lq).mean(dim=0))
         else:
-            seen = reference.token_visibility(
-                keep[:, :, first_row:], lq - n, lq, q_len=lq, k_len=lk, block_size=block_size, causal=True
-            )  # fmt: skip
-            mass.append((probs * seen).sum(dim=-1).double().mean(dim=(0, 2)))
+            mass.append(((last * keep[:, :, first_row:]).sum(dim=(-1, -2)).double() / n).mean(dim=0))
     return torch.stack(density, dim=-1), torch.stack(mass, dim=-1)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._validation import check_qkv
 from ..block_mask import BlockMask
-from ..kernels import resolve_backend
+from ..kernels import resolve_backend, softmax_scale
 
 __all__ = ["DEFAULT_CANDIDATES", "MASS_TOL", "ROWS", "check_candidates", "head_statistics"]
 
@@ -51,7 +51,7 @@ def _last_rows_block_mass(q: Tensor, k: Tensor, rows: int, block_size: int, scal
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     b = block_size
-    factor = scale if scale is not None else 1.0 / math.sqrt(d)
+    factor = softmax_scale(scale, d)
     q_last = q[:, :, lq - rows :].float().reshape(bsz, hkv, hq // hkv, rows, d)
     logits = torch.einsum("bhgtd,bhud->bhgtu", q_last, k.float()).reshape(bsz, hq, rows, lk) * factor
     positions = torch.arange(lk - rows, lk, device=q.device)  # the last rows' key positions

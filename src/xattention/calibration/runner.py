@@ -1,5 +1,6 @@
 """``calibrate``: prompts through the model, statistics averaged over prompts, thresholds chosen, and the report that
-compares them with one global ``tau`` at the same mean density."""
+compares them with one global ``tau`` at the same mean density; ``rechoose``: other thresholds from a report's tables,
+without the model."""
 
 from __future__ import annotations
 
@@ -18,15 +19,27 @@ from ..evaluation.prompts import PromptSource
 from .choose import choose_indices
 from .statistics import DEFAULT_CANDIDATES, MASS_TOL, check_candidates, head_statistics
 
-__all__ = ["calibrate", "parse_target"]
+__all__ = ["PER", "STATISTICS", "calibrate", "parse_target", "rechoose"]
 
 logger = logging.getLogger(__name__)
 
 Capture = Callable[..., Mapping[int, tuple[Tensor, Tensor]]]
 
+# The mass a threshold choice maximises (or must reach), by the query rows head_statistics averages it over: "mass"
+# every query row, "answer_mass" the last block of rows (the question the answer is produced from).
+STATISTICS: dict[str, str] = {"mass": "all", "answer_mass": "last"}
+# One threshold per (layer, head), or one per layer shared by its heads (chosen on the head-averaged tables).
+PER: tuple[str, ...] = ("head", "layer")
+# target kind of "density=tau:0.9": the mean density one global tau has on the calibration prompts (resolved later)
+DENSITY_OF_TAU = "density_of_tau"
 
-def parse_target(target: str | Mapping[str, float] | tuple[str, float]) -> tuple[str, float]:
-    """``"mass=0.9"`` / ``"density=0.15"`` (or ``{"mass": 0.9}``, ``("mass", 0.9)``) -> ``(kind, value)``."""
+
+def parse_target(target: str | Mapping[str, Any] | tuple[str, Any]) -> tuple[str, float]:
+    """``"mass=0.9"`` / ``"density=0.15"`` (or ``{"mass": 0.9}``, ``("mass", 0.9)``) -> ``(kind, value)``.
+
+    ``"density=tau:0.9"`` -> ``("density_of_tau", 0.9)``: a density budget equal to the mean density that one global
+    ``tau = 0.9`` has on the calibration prompts (the equal-density comparison, whatever the model and length).
+    """
     if isinstance(target, Mapping):
         if len(target) != 1:
             raise ValueError(f"target must name exactly one of mass / density, got {dict(target)}")
@@ -36,12 +49,14 @@ def parse_target(target: str | Mapping[str, float] | tuple[str, float]) -> tuple
     elif isinstance(target, str):
         kind, eq, value = target.partition("=")
         if not eq:
-            raise ValueError(f"target {target!r} is not of the form mass=0.9 or density=0.15")
+            raise ValueError(f"target {target!r} is not of the form mass=0.9, density=0.15 or density=tau:0.9")
     else:
         raise ValueError(f"target must be a string like 'mass=0.9', got {type(target).__name__}")
     kind = str(kind).strip().lower()
-    if kind not in ("mass", "density"):
+    if kind not in ("mass", "density", DENSITY_OF_TAU):
         raise ValueError(f"target kind must be 'mass' or 'density', got {kind!r}")
+    if kind == "density" and isinstance(value, str) and value.strip().lower().startswith("tau:"):
+        kind, value = DENSITY_OF_TAU, value.strip()[4:]
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -49,6 +64,13 @@ def parse_target(target: str | Mapping[str, float] | tuple[str, float]) -> tuple
     if not 0.0 < number <= 1.0:
         raise ValueError(f"target {kind} must lie in (0, 1], got {number}")
     return kind, number
+
+
+def _check_choice(statistic: str, per: str) -> None:
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+    if per not in PER:
+        raise ValueError(f"per must be one of {', '.join(PER)}, got {per!r}")
 
 
 def _summary(density: Tensor, mass: Tensor, idx: Tensor) -> dict[str, float]:
@@ -62,7 +84,9 @@ def calibrate(
     tokenizer: Any,
     *,
     lengths: Sequence[int] | str = (4096,),
-    target: str | Mapping[str, float] | tuple[str, float] = "mass=0.9",
+    target: str | Mapping[str, Any] | tuple[str, Any] = "mass=0.9",
+    statistic: str = "mass",
+    per: str = "head",
     stride: int = 8,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
     samples: int = 2,
@@ -78,14 +102,23 @@ def calibrate(
 
     For every length, ``samples`` prompts (the evaluation harness's task generators, the built-in passkey haystack, or
     windows of ``text``) run through ``capture``; :func:`head_statistics` tables are
-    averaged over all prompts (each prompt weighs the same) and :func:`choose_thresholds` picks the thresholds. Layers
+    averaged over all prompts (each prompt weighs the same) and :func:`choose_thresholds` picks the thresholds (with
+    ``per="layer"``, on the tables averaged over each layer's heads, so a layer's heads share one). Layers
     ``capture`` does not return (not full attention, e.g. Gemma-3's sliding-window layers) get threshold 1.0 and are
     listed in the report.
 
     Args:
         model: a Hugging Face causal LM (eval mode; its device is used). tokenizer: its tokenizer.
         lengths: prompt lengths in tokens (or ``"4k,8k"``). target: ``"mass=0.9"`` (least density keeping at least
-            that mass in every head) or ``"density=0.15"`` (most mass at that mean density).
+            that mass in every head, or every layer's head mean with ``per="layer"``), ``"density=0.15"`` (most mass
+            at that mean density) or ``"density=tau:0.9"`` (most mass at the mean density of one global ``tau=0.9``
+            on these prompts; ``0.9`` must be a candidate).
+        statistic: the mass that the target and the report speak of: ``"mass"`` (default) averaged over every query
+            row, or ``"answer_mass"`` over the last ``block_size`` query rows only (:func:`head_statistics`'s
+            ``rows="last"``: the question and answer prefix that the answer is produced from). Density is the whole
+            mask's either way.
+        per: ``"head"`` (default) one threshold per (layer, head); ``"layer"`` one per layer (fewer free choices:
+            less overfitting to a few calibration prompts).
         stride, block_size: XAttention's ``S`` and ``b`` the thresholds are for. candidates: the ``tau`` grid.
         samples: prompts per length.
         text: calibration text, cut into ``samples`` windows per length (overrides ``tasks``).
@@ -101,10 +134,14 @@ def calibrate(
         overall mean density/mass at the chosen thresholds, the single global ``tau`` whose mean density is closest to
         the calibrated one with its mass (the equal-density comparison), the global ``tau`` that meets the same target
         on its own (``global_at_target``: every head at ``min_mass``, or the most mass within the density budget),
-        per-length figures and the raw ``[L, Hq, C]`` tables (to re-choose thresholds for another target offline).
+        per-length figures and the raw ``[L, Hq, C]`` tables (to re-choose thresholds for another target offline:
+        :func:`rechoose`).
     """
     kind, value = parse_target(target)
+    _check_choice(statistic, per)
     cands = check_candidates(candidates)
+    if kind == DENSITY_OF_TAU:
+        _candidate_index(cands, value)  # before the model runs
     lens = parse_lengths(lengths) if isinstance(lengths, str) else parse_lengths([int(n) for n in lengths])
     if not isinstance(samples, int) or samples <= 0:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
@@ -114,17 +151,87 @@ def calibrate(
 
     start = time.perf_counter()
     source = PromptSource(tokenizer, text=text, tasks=tasks, seed=seed)
-    statistics = {"candidates": cands, "stride": stride, "block_size": block_size, "backend": backend}
+    statistics = {"candidates": cands, "stride": stride, "block_size": block_size, "backend": backend,
+                  "rows": STATISTICS[statistic]}  # fmt: skip
     per_length, layers, used = _collect_tables(model, capture, source, lens, samples, sizes, statistics, progress)
     density = sum(d for d, _ in per_length.values()) / len(per_length)
     mass = sum(m for _, m in per_length.values()) / len(per_length)
-    idx = choose_indices(density, mass, cands, kind, value)
+    run = {"lengths": lens, "samples": samples, "stride": stride, "block_size": block_size, "candidates": cands,
+           "prompts": {str(n): p for n, p in used.items()}}  # fmt: skip
+    return _choose(run, density, mass, (kind, value), statistic, per, sizes, layers, per_length, start)
+
+
+def rechoose(
+    report: Mapping[str, Any],
+    *,
+    target: str | Mapping[str, Any] | tuple[str, Any],
+    per: str = "head",
+) -> tuple[Tensor, dict[str, Any]]:
+    """Thresholds for another target (or ``per``) from the tables of an earlier :func:`calibrate` report (the
+    ``metadata`` of its thresholds file), without running the model: the same choice on the same statistic.
+
+    The tables are stored rounded to 5 decimals, so a threshold can differ from a fresh :func:`calibrate` where two
+    candidates' masses agree to that precision. The report has ``per_length`` figures only for a single-length report
+    (per-length tables are not stored).
+
+    Returns:
+        ``(thresholds, report)`` as :func:`calibrate` returns them; the report says ``rechosen: true``.
+    """
+    missing = [key for key in ("tables", "candidates", "num_layers", "num_heads", "calibrated_layers", "lengths")
+               if key not in report]  # fmt: skip
+    if missing:
+        raise ValueError(f"the report lacks {', '.join(missing)}: not a report of xattention calibrate")
+    kind, value = parse_target(target)
+    statistic = str(report.get("statistic", "mass"))  # files from before the statistic was recorded: mean mass
+    _check_choice(statistic, per)
+    check_candidates(report["candidates"])
+    density = torch.tensor(report["tables"]["density"], dtype=torch.float64)
+    mass = torch.tensor(report["tables"]["mass"], dtype=torch.float64)
+    layers = [int(i) for i in report["calibrated_layers"]]
+    if density.ndim != 3 or density.shape != mass.shape or density.shape[:2] != (len(layers), int(report["num_heads"])):
+        raise ValueError(f"the report's tables have shape {tuple(density.shape)}, not [calibrated layers, heads, C]")
+    lens = [int(n) for n in report["lengths"]]
+    run = {key: report[key] for key in ("lengths", "samples", "stride", "block_size", "candidates", "prompts") if key in report}
+    per_length = {lens[0]: (density, mass)} if len(lens) == 1 else {}
+    sizes = (int(report["num_layers"]), int(report["num_heads"]))
+    thresholds, out = _choose(run, density, mass, (kind, value), statistic, per, sizes, layers, per_length, time.perf_counter())
+    return thresholds, {**out, "rechosen": True}
+
+
+def _candidate_index(cands: list[float], tau: float) -> int:
+    try:
+        return cands.index(tau)
+    except ValueError:
+        raise ValueError(f"target density=tau:{tau:g} needs {tau:g} among the candidate thresholds {cands}") from None
+
+
+def _choose(
+    run: dict[str, Any],
+    density: Tensor,
+    mass: Tensor,
+    target: tuple[str, float],
+    statistic: str,
+    per: str,
+    sizes: tuple[int, int],
+    layers: list[int],
+    per_length: dict[int, tuple[Tensor, Tensor]],
+    start: float,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Thresholds ``[num_layers, num_heads]`` and the report, from ``[len(layers), Hq, C]`` tables."""
+    (kind, value), cands = target, run["candidates"]
+    extra: dict[str, Any] = {}
+    if kind == DENSITY_OF_TAU:  # the budget is what one global tau spends on these prompts
+        extra["density_of_tau"] = value
+        kind, value = "density", float(density[..., _candidate_index(cands, value)].mean())
+    if per == "head":
+        idx = choose_indices(density, mass, cands, kind, value)
+    else:  # every head of a layer the same: choose on [L, 1, C] head means (equal heads per layer: same mean density)
+        idx = choose_indices(density.mean(dim=1, keepdim=True), mass.mean(dim=1, keepdim=True), cands, kind, value)
+        idx = idx.repeat(1, density.shape[1])
     thresholds = torch.ones(*sizes, dtype=torch.float64)
     thresholds[layers] = torch.tensor(cands, dtype=torch.float64)[idx]
-    run = {"target": {kind: value}, "lengths": lens, "samples": samples, "stride": stride, "block_size": block_size,
-           "candidates": cands, "prompts": {str(n): p for n, p in used.items()}}  # fmt: skip
-    report = _report(run, density, mass, idx, thresholds, layers, per_length, start)
-    return thresholds, report
+    run = {"target": {kind: value}, **extra, "statistic": statistic, "per": per, **run}
+    return thresholds, _report(run, density, mass, idx, thresholds, layers, per_length, start)
 
 
 def _model_sizes(model: Any, longest: int) -> tuple[int, int]:

@@ -1,5 +1,6 @@
 """Per (layer, head, candidate threshold): the block density XAttention's mask would have and the exact attention mass
-it keeps, on captured post-RoPE ``q``/``k``."""
+it keeps, on captured post-RoPE ``q``/``k`` — over every query row, or over only the last block of query rows (the
+prompt's question and answer prefix: the rows whose attention produces the answer)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_qkv
 from ..block_mask import BlockMask
-from ..kernels import resolve_backend
+from ..kernels import resolve_backend, softmax_scale
 
-__all__ = ["DEFAULT_CANDIDATES", "MASS_TOL", "check_candidates", "head_statistics"]
+__all__ = ["DEFAULT_CANDIDATES", "MASS_TOL", "ROWS", "check_candidates", "head_statistics"]
 
 # Dense where XAttention's density changes fast (tau >= 0.9), coarse below; 1.0 keeps every block with a non-zero score
 # and is the fallback for heads that no smaller tau serves.
@@ -23,6 +25,9 @@ DEFAULT_CANDIDATES: tuple[float, ...] = (
 
 # Masses equal up to float64 rounding of a float32 sum count as reaching the target (tau = 1 keeps mass 0.99999994).
 MASS_TOL = 1e-6
+
+# Which query rows the mass column averages over: every row, or the last block_size rows (see head_statistics).
+ROWS: tuple[str, ...] = ("all", "last")
 
 
 def check_candidates(candidates: Sequence[float]) -> list[float]:
@@ -38,6 +43,28 @@ def check_candidates(candidates: Sequence[float]) -> list[float]:
     return values
 
 
+def _last_rows_block_mass(q: Tensor, k: Tensor, rows: int, block_size: int, scale: float | None) -> Tensor:
+    """Exact causal softmax probability of the last ``rows`` queries per (block row, key block), float32
+    ``[B, Hq, R, Kb]`` where block row ``0`` is the one holding query ``Lq - rows`` (queries aligned to the end of the
+    keys; query head ``h`` reads K head ``h // (Hq // Hkv)``). Zero above the causal diagonal, so a kept block keeps
+    exactly its entry."""
+    bsz, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    b = block_size
+    factor = softmax_scale(scale, d)
+    q_last = q[:, :, lq - rows :].float().reshape(bsz, hkv, hq // hkv, rows, d)
+    logits = torch.einsum("bhgtd,bhud->bhgtu", q_last, k.float()).reshape(bsz, hq, rows, lk) * factor
+    positions = torch.arange(lk - rows, lk, device=q.device)  # the last rows' key positions
+    future = torch.arange(lk, device=q.device)[None, :] > positions[:, None]
+    probs = torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1)
+    kb = -(-lk // b)
+    per_key_block = F.pad(probs, (0, kb * b - lk)).view(bsz, hq, rows, kb, b).sum(dim=-1)  # [B, Hq, rows, Kb]
+    first = (lq - rows) // b
+    block_row = torch.arange(lq - rows, lq, device=q.device) // b - first  # each row's block row, from 0
+    out = per_key_block.new_zeros(bsz, hq, int(block_row[-1]) + 1, kb)
+    return out.index_add_(2, block_row, per_key_block)
+
+
 def _layer_statistics(
     q: Tensor,
     k: Tensor,
@@ -47,6 +74,7 @@ def _layer_statistics(
     block_size: int,
     backend: str,
     scale: float | None,
+    rows: str,
 ) -> tuple[Tensor, Tensor]:
     """float64 ``(density [Hq, C], mass [Hq, C])`` for one layer, averaged over the batch."""
     from ..kernels import reference
@@ -59,14 +87,22 @@ def _layer_statistics(
         scoring = selection = reference
     # Scores once per layer; only the cheap selection runs per candidate.
     scores = scoring.antidiagonal_block_scores(q, k, stride=stride, block_size=block_size, causal=True, scale=scale)
-    true = reference.true_block_scores(q, k, block_size=block_size, causal=True, scale=scale)
+    if rows == "all":
+        true = reference.true_block_scores(q, k, block_size=block_size, causal=True, scale=scale)
+    else:  # only the last n <= block_size rows' probabilities, so no full attention matrix
+        n = min(block_size, lq)
+        last = _last_rows_block_mass(q, k, n, block_size, scale)  # [B, Hq, 1 or 2 block rows, Kb]
+        first_row = (lq - n) // block_size
     density, mass = [], []
     for tau in candidates:
         keep = selection.select_blocks(scores, tau, q_len=lq, k_len=lk, block_size=block_size, causal=True)
         mask = BlockMask(keep, block_size, lq, lk, causal=True)
         density.append(mask.density_per_head().double().mean(dim=0))
-        # true_block_scores is zero above the causal diagonal, so no visibility mask is needed here
-        mass.append(((true * keep).sum(dim=(-1, -2)).double() / lq).mean(dim=0))
+        if rows == "all":
+            # true_block_scores is zero above the causal diagonal, so no visibility mask is needed here
+            mass.append(((true * keep).sum(dim=(-1, -2)).double() / lq).mean(dim=0))
+        else:
+            mass.append(((last * keep[:, :, first_row:]).sum(dim=(-1, -2)).double() / n).mean(dim=0))
     return torch.stack(density, dim=-1), torch.stack(mass, dim=-1)
 
 
@@ -78,6 +114,7 @@ def head_statistics(
     block_size: int = 128,
     backend: str = "auto",
     scale: float | Mapping[int, float] | None = None,
+    rows: str = "all",
 ) -> tuple[Tensor, Tensor]:
     """Density and exact attention mass of XAttention's mask per (layer, head, candidate threshold).
 
@@ -86,7 +123,11 @@ def head_statistics(
     then, per candidate ``tau``, :func:`~xattention.kernels.reference.select_blocks` gives the mask, whose
 
     * density is the fraction of causally visible blocks kept (:meth:`BlockMask.density_per_head`), and
-    * mass is the exact softmax probability inside kept blocks, averaged over queries (1.0 for the dense mask).
+    * mass is the exact softmax probability inside kept blocks, averaged over the query rows that ``rows`` names
+      (1.0 for the dense mask): ``"all"`` (default) every query; ``"last"`` only the last ``min(block_size, Lq)``
+      queries — in a prompt that ends with its question (and a chat template's answer prefix) these are the rows whose
+      attention produces the answer, so this mass measures what the answer reads rather than what the whole prefill
+      reads. The density is the whole mask's in both cases: it is what the prefill costs.
 
     Both are averaged over the batch. Attention is causal with queries aligned to the end of the keys.
 
@@ -97,10 +138,13 @@ def head_statistics(
         stride: antidiagonal stride ``S`` (default 8); block_size: ``b`` (default 128), ``b % S == 0``.
         backend: ``"auto"`` (Triton on a capable GPU, else the PyTorch reference), ``"reference"`` or ``"triton"``.
         scale: softmax scale, one for all layers or ``{layer: scale}`` (default ``1/sqrt(D)``).
+        rows: ``"all"`` or ``"last"``, the query rows the mass averages over (see above).
     Returns:
         ``(density, mass)``, float64 ``[L, Hq, C]`` on the CPU, where row ``i`` is the ``i``-th layer of ``sorted(qk)``.
     """
     cands = check_candidates(candidates)
+    if rows not in ROWS:
+        raise ValueError(f"rows must be one of {', '.join(ROWS)}, got {rows!r}")
     if not qk:
         raise ValueError("qk is empty: no attention layer was captured")
     if not isinstance(stride, int) or stride <= 0 or not isinstance(block_size, int) or block_size <= 0:
@@ -118,7 +162,9 @@ def head_statistics(
             raise ValueError(f"layer {layer} has {hq} query heads but earlier layers have {num_heads}")
         num_heads = hq
         layer_scale = scale.get(layer) if isinstance(scale, Mapping) else scale
-        d, m = _layer_statistics(q, k, cands, stride=stride, block_size=block_size, backend=backend, scale=layer_scale)
+        d, m = _layer_statistics(
+            q, k, cands, stride=stride, block_size=block_size, backend=backend, scale=layer_scale, rows=rows
+        )  # fmt: skip
         densities.append(d.cpu())
         masses.append(m.cpu())
     return torch.stack(densities), torch.stack(masses)

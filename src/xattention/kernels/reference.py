@@ -110,13 +110,7 @@ def antidiagonal_block_scores(
 
 
 def select_blocks(
-    scores: Tensor,
-    threshold: float | Tensor,
-    *,
-    q_len: int,
-    k_len: int,
-    block_size: int,
-    causal: bool = True,
+    scores: Tensor, threshold: float | Tensor, *, q_len: int, k_len: int, block_size: int, causal: bool = True
 ) -> Tensor:
     """Cumulative-threshold block selection (XAttention Sec. 2.2).
 

@@ -54,14 +54,7 @@ def flex_block_mask(mask: Tensor, *, block_size: int, q_len: int, k_len: int, ca
 
 
 def block_sparse_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor,
-    *,
-    block_size: int,
-    causal: bool = True,
-    scale: float | None = None,
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, block_size: int, causal: bool = True, scale: float | None = None
 ) -> Tensor:
     """Exact attention over the kept blocks of ``mask`` through FlexAttention; same contract as the reference.
 

@@ -8,6 +8,7 @@ and bound memory by processing query rows in chunks, so they also serve as the C
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -110,13 +111,7 @@ def antidiagonal_block_scores(
 
 
 def select_blocks(
-    scores: Tensor,
-    threshold: float | Tensor,
-    *,
-    q_len: int,
-    k_len: int,
-    block_size: int,
-    causal: bool = True,
+    scores: Tensor, threshold: float | Tensor, *, q_len: int, k_len: int, block_size: int, causal: bool = True
 ) -> Tensor:
     """Cumulative-threshold block selection (XAttention Sec. 2.2).
 
@@ -182,6 +177,19 @@ def token_visibility(mask_rows: Tensor, q0: int, q1: int, *, q_len: int, k_len: 
     return visible
 
 
+def _query_chunks(
+    mask: Tensor, q_len: int, k_len: int, *, block_size: int, causal: bool, chunk_elements: int
+) -> Iterator[tuple[int, int, Tensor]]:
+    """``(q0, q1, visible)`` for the attention references' chunks of whole block rows of ``mask`` ``[..., Qb, Kb]``:
+    queries ``q0 … q1-1`` and the bool ``[..., q1 - q0, Lk]`` keys they see, at most ``chunk_elements`` of them."""
+    b, qb = block_size, mask.shape[-2]
+    step = _rows_per_chunk(qb, math.prod(mask.shape[:-2]) * b * k_len, chunk_elements)
+    for r0 in range(0, qb, step):
+        q0, q1 = r0 * b, min(q_len, (r0 + step) * b)
+        visible = token_visibility(mask[..., r0 : r0 + step, :], q0, q1, q_len=q_len, k_len=k_len, block_size=b, causal=causal)
+        yield q0, q1, visible
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -203,17 +211,12 @@ def block_sparse_attention(
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype, computed in float32. A query that sees no key gets zeros.
     """
-    bsz, hq, lq, d = q.shape
+    hq, lq, d = q.shape[1:]
     hkv, lk = k.shape[1], k.shape[2]
-    b, qb = block_size, mask.shape[2]
     factor = softmax_scale(scale, d)
     kf, vf = k.float(), v.float()
     out = torch.empty_like(q)
-    step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
-    for r0 in range(0, qb, step):
-        r1 = min(qb, r0 + step)
-        q0, q1 = r0 * b, min(lq, r1 * b)
-        visible = token_visibility(mask[:, :, r0:r1], q0, q1, q_len=lq, k_len=lk, block_size=b, causal=causal)
+    for q0, q1, visible in _query_chunks(mask, lq, lk, block_size=block_size, causal=causal, chunk_elements=chunk_elements):
         part = F.scaled_dot_product_attention(
             q[:, :, q0:q1].float(), kf, vf, attn_mask=visible, scale=factor, enable_gqa=hq != hkv
         )
@@ -438,20 +441,15 @@ def block_sparse_attention_lse(
     """
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    g, b = hq // hkv, block_size
-    qb = mask.shape[2]
+    g = hq // hkv
     factor = softmax_scale(scale, d)
     qf = q.float().reshape(bsz, hkv, g, lq, d)
     kf, vf = k.float(), v.float()
-    mask = mask.reshape(bsz, hkv, g, qb, mask.shape[3])
+    mask = mask.reshape(bsz, hkv, g, *mask.shape[2:])
     out = torch.empty(bsz, hkv, g, lq, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(bsz, hkv, g, lq, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
-    for r0 in range(0, qb, step):
-        r1 = min(qb, r0 + step)
-        q0, q1 = r0 * b, min(lq, r1 * b)
+    for q0, q1, visible in _query_chunks(mask, lq, lk, block_size=block_size, causal=causal, chunk_elements=chunk_elements):
         scores = torch.einsum("bhgtd,bhud->bhgtu", qf[:, :, :, q0:q1], kf) * factor
-        visible = token_visibility(mask[:, :, :, r0:r1], q0, q1, q_len=lq, k_len=lk, block_size=b, causal=causal)
         scores = scores.masked_fill(~visible, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         probs = torch.exp(scores - row_max)

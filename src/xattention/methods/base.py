@@ -165,13 +165,7 @@ class Method(ABC):
 
     @abstractmethod
     def estimate(
-        self,
-        q: Tensor,
-        k: Tensor,
-        *,
-        causal: bool = True,
-        scale: float | None = None,
-        backend: str = "auto",
+        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
     ) -> BlockMask:
         """Choose the key blocks each query block attends to.
 

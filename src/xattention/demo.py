@@ -97,7 +97,7 @@ def run_demo(
     *,
     length: int | None = None,
     depth: float = 0.5,
-    threshold: float = 0.9,
+    threshold: float = 0.95,
     stride: int = 8,
     block_size: int = 128,
     layer: int | None = None,
@@ -348,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"prompt tokens (default {DEFAULT_CPU_LENGTH} on CPU; on GPU the longest the model's context holds)",
     )
     parser.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack, 0..1 (default %(default)s)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="XAttention threshold tau (default %(default)s)")
+    parser.add_argument("--threshold", type=float, default=0.95, help="XAttention threshold tau (default %(default)s)")
     parser.add_argument("--stride", type=int, default=8, help="XAttention antidiagonal stride S (default %(default)s)")
     parser.add_argument("--block-size", type=int, default=128, help="block size (default %(default)s)")
     parser.add_argument("--layer", type=int, default=None, help="layer shown in the heatmap (default: the middle layer)")

@@ -99,7 +99,7 @@ logger = logging.getLogger(__name__)
 RANDOM_LLAMA = "llama-8b-random"
 SDPA_NAMES = ("sdpa", "dense")
 DENSE_XA = "dense-xa"
-DEFAULT_METHODS = ("sdpa", DENSE_XA, "xattention:stride=8,threshold=0.9")
+DEFAULT_METHODS = ("sdpa", DENSE_XA, "xattention:stride=8,threshold=0.95")
 # Stage names of the profiled run, in plotting order; they sum to its TTFT.
 STAGES = ("selection", "sparse_attention", "dense_attention", "local_attention", "rest", "decode_step")
 # Tokens kept free between the prompt and the nominal length: the answer and one haystack repetition of rounding.

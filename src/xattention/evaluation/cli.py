@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="method specs, comma-separated, e.g. dense,xattention:threshold=0.9,stride=16 (repeatable). Built with "
         "method_from_spec(spec, min_seq_len=0): sparse attention runs at every length, not only above the "
-        "library's 12K-key default (default: dense,xattention:threshold=0.9)",
+        "library's 12K-key default (default: dense,xattention:threshold=0.95)",
     )
     parser.add_argument("--samples", type=int, default=10, help="samples per (task, length) (default: 10)")
     parser.add_argument("--out", help="output folder: results.jsonl, summary.md, summary.json, score_vs_density.png")
@@ -155,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
     same = ("model", "tasks", "lengths", "samples", "out", "seed", "device", "dtype", "batch_size", "max_new_tokens",
             "mass", "chat_template", "time_budget")  # fmt: skip
     config = EvalConfig(
-        methods=",".join(args.methods) if args.methods else "dense,xattention:threshold=0.9",
+        methods=",".join(args.methods) if args.methods else "dense,xattention:threshold=0.95",
         progress=not args.no_progress,
         **{name: getattr(args, name) for name in same},
     )

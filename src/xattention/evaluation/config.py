@@ -73,7 +73,7 @@ class EvalConfig:
     model: str = "smollm2"
     tasks: str | Sequence[str] = "ruler"
     lengths: str | Sequence[int | str] = "1k,2k,4k"
-    methods: str | Sequence[str] = "dense,xattention:threshold=0.9"
+    methods: str | Sequence[str] = "dense,xattention:threshold=0.95"
     samples: int = 10
     out: str | os.PathLike = "eval-results"
     seed: int = 42

@@ -45,15 +45,19 @@ def tok():
     return tiny_tokenizer()
 
 
-def test_cli_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys, tok) -> None:
+def run_cli(tmp_path, monkeypatch, tok, *options: str):
+    """``xattention bench model`` on a tiny Llama (loaded by a stub) on the CPU, 320 tokens, with ``options``."""
     model = tiny_llama(len(tok))
     monkeypatch.setattr(bm, "load_bench_model", lambda name, device, dtype: (model, tok))
-    args = build_parser().parse_args([
-        "bench", "model", "--model", "tiny", "--lengths", "320", "--methods", f"sdpa,dense-xa,{SPARSE}",
-        "--warmup", "1", "--repeats", "2", "--answer-tokens", "4", "--device", "cpu", "--dtype", "float32",
-        "--out", str(tmp_path),
-    ])  # fmt: skip
+    args = build_parser().parse_args(["bench", "model", "--model", "tiny", "--lengths", "320", "--device", "cpu",
+                                      "--dtype", "float32", "--out", str(tmp_path), *options])  # fmt: skip
     assert args._main(args) == 0
+    return model
+
+
+def test_cli_end_to_end_on_a_tiny_llama(tmp_path, monkeypatch, capsys, tok) -> None:
+    model = run_cli(tmp_path, monkeypatch, tok, "--methods", f"sdpa,dense-xa,{SPARSE}", "--warmup", "1", "--repeats", "2",
+                    "--answer-tokens", "4")  # fmt: skip
     (path,) = tmp_path.glob("cpu-*-model-tiny.json")
     record = json.loads(path.read_text())
     assert set(record) >= RECORD_FIELDS
@@ -256,14 +260,8 @@ def test_demo_prints_ttft_at_the_longest_prompt(tmp_path, tok) -> None:
 def test_chunked_prefill_rows(tmp_path, monkeypatch, tok) -> None:
     """--chunk-size: the timed and profiled prefills go through xattention.prefill in chunks (one attention call per
     layer and chunk), and the record is written apart (model-NAME-chunkN)."""
-    model = tiny_llama(len(tok))
-    monkeypatch.setattr(bm, "load_bench_model", lambda name, device, dtype: (model, tok))
-    args = build_parser().parse_args([
-        "bench", "model", "--model", "tiny", "--lengths", "320", "--methods", f"sdpa,{SPARSE}", "--warmup", "0",
-        "--repeats", "1", "--answer-tokens", "2", "--device", "cpu", "--dtype", "float32", "--chunk-size", "128",
-        "--out", str(tmp_path),
-    ])  # fmt: skip
-    assert args._main(args) == 0
+    run_cli(tmp_path, monkeypatch, tok, "--methods", f"sdpa,{SPARSE}", "--warmup", "0", "--repeats", "1",
+            "--answer-tokens", "2", "--chunk-size", "128")  # fmt: skip
     (path,) = tmp_path.glob("cpu-*-model-tiny-chunk128.json")
     record = json.loads(path.read_text())
     assert record["params"]["chunk_size"] == 128

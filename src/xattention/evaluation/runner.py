@@ -66,6 +66,7 @@ __all__ = [
     "parse_methods",
     "read_results",
     "resolve_device",
+    "run_batch",
     "run_eval",
     "torch_dtype",
 ]
@@ -195,7 +196,7 @@ class _Run:
                     if item not in prompts:
                         prompts[item] = self.generator.generate(item[0], length, item[1])
                 samples = [prompts[item] for item in batch]
-                predictions, prefill_ms, stats = _run_batch(
+                predictions, prefill_ms, stats = run_batch(
                     self.model, self.tokenizer, self.integration, label, method, samples, config
                 )
                 records = [
@@ -212,7 +213,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def _run_batch(
+def run_batch(
     model: Any,
     tokenizer: Any,
     integration: Any,
@@ -221,7 +222,8 @@ def _run_batch(
     samples: Sequence[Sample],
     config: EvalConfig,
 ) -> tuple[list[str], float, list[dict[str, Any]]]:
-    """Apply ``method``, decode the batch, read the prefill statistics (decode steps left out), remove the method."""
+    """One batch through the harness: apply ``method`` (labelled ``label``), decode ``samples`` greedily, read the
+    prefill statistics (decode steps left out), remove the method. Returns ``(predictions, prefill_ms, stats)``."""
     thresholds = method_thresholds(label)
     extra = {} if thresholds is None else {"thresholds": thresholds}
     integration.apply(model, method, record_stats=True, record_mass=config.mass, **extra)

@@ -10,16 +10,18 @@ transformers (4.53+, 5.x) looks attention up by name: a model's attention module
   causal batch without padding), so every dense step is exactly the SDPA path the model had before.
 * Prefill (``Lq > 1``) of a full-attention causal layer runs :func:`xattention.sparse_attention` with the layer's method;
   decode (``Lq == 1``) and non-causal modules run transformers' SDPA function unchanged; layers mapped to
-  :class:`~xattention.Dense` and inputs shorter than ``method.min_seq_len`` run FlashAttention-4 dense when unpadded
-  and FA4 runs on the device, else that same SDPA function.
+  :class:`~xattention.Dense` and inputs shorter than ``method.min_seq_len`` run FlashAttention-4 dense where FA4 runs
+  on the device, else that same SDPA function.
 * Sliding-window layers (gemma-2/3 ``sliding_attention``, Mistral's ``sliding_window`` on every layer; transformers
   passes ``sliding_window`` to the attention function) prefill through :func:`xattention.sliding_window_attention`:
-  exact, O(L·w), whatever method the layer was given. With a padded or custom mask they run transformers' SDPA with it.
+  exact, O(L·w), whatever method the layer was given; padded too. With any other custom mask they run SDPA with it.
 * Calls the sparse and windowed paths cannot serve exactly run transformers' own attention: logit soft-capping and
   attention sinks (the modeling file's eager attention, as SDPA has neither), position biases and packed-sequence
   arguments (SDPA).
-* Padding: each sequence's contiguous run of real tokens is read from the mask and the sparse path runs on that run
-  alone, so padding never enters block selection and a padded batch matches unpadded single runs on real tokens.
+* Padding: each sequence's contiguous run of real tokens is read from the mask; the batch is right-aligned with one
+  gather (:class:`.padding.RightAligned`) and each layer runs once over it with per-sequence ``lengths``, so padding
+  never enters block selection and a padded batch matches unpadded single runs on real tokens. Batches whose
+  sequences have cache offsets of their own run sequence by sequence.
 * Host synchronisation: a forward whose mask is ``None`` (one sequence, or a batch without padding, with no cache
   offset) never reads the device. A materialised mask (padding, a chunk after the first, a sliding-window layer with
   more keys than its window) is read once per forward (once per mask tensor, see :mod:`.masks`), never once per layer.

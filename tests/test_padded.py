@@ -199,3 +199,15 @@ def test_cuda_padded_scores_triton_equal_reference() -> None:
     want = reference.antidiagonal_block_scores(q, k, stride=8, block_size=128, lengths=lengths)
     got = antidiagonal.antidiagonal_block_scores(q, k, stride=8, block_size=128, lengths=lengths)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-4)
+
+
+def test_real_spans_reads_the_mask_in_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row chunks of a few rows (as a 128K-key mask gets) give the spans of one whole read, windowed or not."""
+    from xattention.integrations import masks
+
+    mask = _window_mask([(0, 30), (12, 30), (0, 20)], 30, window=8)
+    causal = _window_mask([(0, 30), (12, 30), (0, 20)], 30, window=30)
+    whole = real_spans(mask, 30, 30, 0, window=8), real_spans(causal, 30, 30, 0)
+    monkeypatch.setattr(masks, "ROW_CHUNK_BYTES", 7 * 30)  # 7 rows per chunk: the last chunk is ragged
+    assert (real_spans(mask, 30, 30, 0, window=8), real_spans(causal, 30, 30, 0)) == whole
+    assert whole[1] == [(0, 29, 0, 29), (12, 29, 12, 29), (0, 19, 0, 19)]

@@ -56,17 +56,32 @@ def bool_mask(attention_mask: Tensor, q_len: int, k_len: int, layer: Any) -> tup
     return keep, ((mask != 0) & keep).any()
 
 
+# Mask bytes read at once per row chunk: the temporaries of a [Lq, Lk] mask stay small (a chunked prefill's mask is
+# 2 GiB at 16K x 128K; reading it whole made copies several times its size).
+ROW_CHUNK_BYTES = 1 << 26
+
+
+def _row_extents(keep: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``keep`` ``[Lq, Lk]``: the number of visible keys and the first and last visible key (int64 ``[Lq]``
+    each; 0 / 0 / ``Lk - 1`` for a row that sees none), a chunk of rows at a time."""
+    lq, k_len = keep.shape
+    step = max(1, ROW_CHUNK_BYTES // max(1, k_len))
+    counts, firsts, lasts = [], [], []
+    for r0 in range(0, lq, step):
+        as_bytes = keep[r0 : r0 + step].to(torch.uint8)
+        counts.append(as_bytes.sum(dim=-1, dtype=torch.int64))
+        firsts.append(as_bytes.argmax(dim=-1))
+        lasts.append(k_len - 1 - as_bytes.flip(-1).argmax(dim=-1))
+    return torch.cat(counts), torch.cat(firsts), torch.cat(lasts)
+
+
 def _span_facts(keep: Tensor, window: int | None) -> Tensor:
     """int64 ``[B, 6]`` on the mask's device: ``(has_real, ok, i0, i1, s, e)`` per batch element (see :func:`real_spans`)."""
-    lq, k_len = keep.shape[1], keep.shape[2]
+    lq = keep.shape[1]
     rows = torch.arange(lq, device=keep.device)
     facts = []
-    for b in range(keep.shape[0]):  # one element at a time: temporaries stay at [Lq, Lk], not [B, Lq, Lk]
-        as_bytes = keep[b].to(torch.uint8)
-        count = as_bytes.sum(dim=-1, dtype=torch.int64)  # [Lq]
-        first = as_bytes.argmax(dim=-1)
-        last = k_len - 1 - as_bytes.flip(-1).argmax(dim=-1)
-        del as_bytes
+    for b in range(keep.shape[0]):  # one element at a time, rows in chunks (see _row_extents)
+        count, first, last = _row_extents(keep[b])
         real = count > 0
         i0 = real.to(torch.uint8).argmax()  # the first real row
         e = torch.where(real, last, -1).max()  # the last key any real row sees

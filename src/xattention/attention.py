@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._logging import warn_once
 from ._validation import check_block_mask, check_qkv
-from .block_mask import BlockMask, check_lengths
+from .block_mask import BlockMask, check_lengths, length_tensor, padding_positions
 from .kernels import fa4, ops, resolve_backend
 from .methods.base import Method
 from .methods.dense import Dense
@@ -195,8 +195,7 @@ def sparse_attention(
         else:
             mask = _dense_rows(method.estimate_padded(q, k, lens, scale=scale, backend=estimate_backend), long)
             out = block_sparse_attention(q, k, v, mask, scale=scale, backend=backend)
-        positions = torch.arange(lq, device=q.device)
-        out = out.masked_fill((positions >= torch.tensor(lens).to(q.device, non_blocking=True)[:, None])[:, None, :, None], 0)
+        out = out.masked_fill(padding_positions(length_tensor(lens, q.device), lq)[:, None, :, None], 0)
         return (out, mask) if return_mask else out
     if isinstance(method, Dense) or lk < method.min_seq_len:
         out = dense_attention(q, k, v, causal=causal, scale=scale, backend=dense_backend)
@@ -210,6 +209,6 @@ def _dense_rows(mask: BlockMask, sparse: list[bool]) -> BlockMask:
     """``mask`` with every visible block kept for the batch elements whose ``sparse`` is False (dense, as alone)."""
     if all(sparse):
         return mask
-    dense = torch.tensor([not s for s in sparse]).to(mask.mask.device, non_blocking=True)[:, None, None, None]
+    dense = ~torch.tensor(sparse).to(mask.mask.device, non_blocking=True)[:, None, None, None]
     rows = torch.where(dense, mask.visible_per_element()[:, None], mask.mask)
     return dataclasses.replace(mask, mask=rows)

@@ -11,6 +11,7 @@ Indexing (the contract every method and kernel shares):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "check_lengths",
     "forced_blocks",
     "full_block_limit",
+    "length_tensor",
+    "padding_positions",
     "visible_blocks",
 ]
 
@@ -130,6 +133,16 @@ def check_lengths(lengths: object, batch: int, q_len: int, k_len: int, causal: b
     return tuple(lengths)
 
 
+def length_tensor(lengths: Sequence[int], device: torch.device | str | None) -> Tensor:
+    """int64 ``[B]`` on ``device`` holding ``lengths``, copied without waiting for the device."""
+    return torch.tensor(lengths, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def padding_positions(lengths: Tensor, length: int) -> Tensor:
+    """bool ``[B, length]``: True at the padding of a right-padded batch, positions ``lengths[b]`` onward."""
+    return torch.arange(length, device=lengths.device)[None, :] >= lengths[:, None]
+
+
 @dataclass(frozen=True)
 class BlockMask:
     """Boolean block mask ``[B, Hq, Qb, Kb]`` plus the geometry needed to interpret it.
@@ -200,8 +213,8 @@ class BlockMask:
         vis = self.visible()[None]
         if self.lengths is None:
             return vis
-        rows = torch.tensor([-(-n // self.block_size) for n in self.lengths]).to(vis.device, non_blocking=True)
-        return vis & (torch.arange(vis.shape[1], device=vis.device)[None, :] < rows[:, None])[:, :, None]
+        rows = -(-length_tensor(self.lengths, vis.device) // self.block_size)  # block rows holding real queries
+        return vis & ~padding_positions(rows, vis.shape[1])[:, :, None]
 
     def density_per_head(self) -> Tensor:
         """float ``[B, Hq]``: kept visible blocks over visible blocks (0 for an element with no real token)."""
@@ -225,9 +238,8 @@ class BlockMask:
             k_pos = torch.arange(self.k_len, device=tok.device)
             tok = tok & (k_pos[None, :] <= q_pos[:, None])
         if self.lengths is not None:
-            lens = torch.tensor(self.lengths, device=tok.device)[:, None, None, None]
-            pos = torch.arange(self.q_len, device=tok.device)
-            tok = tok & (pos[:, None] < lens) & (pos[None, :] < lens)
+            real = ~padding_positions(length_tensor(self.lengths, tok.device), self.q_len)
+            tok = tok & real[:, None, :, None] & real[:, None, None, :]
         return tok
 
     def to_indices(self) -> tuple[Tensor, Tensor]:
@@ -285,13 +297,14 @@ class BlockMask:
 
     def element(self, index: int) -> BlockMask:
         """The mask of batch element ``index`` alone, ``[1, Hq, Qb_i, Kb_i]``: with ``lengths``, cut to its real tokens."""
-        n = self.q_len if self.lengths is None else self.lengths[index]
+        one = self.mask[index : index + 1]
+        if self.lengths is None:
+            return dataclasses.replace(self, mask=one)
+        n = self.lengths[index]
         if n == 0:
             raise ValueError(f"batch element {index} has no real token")
-        qb = -(-n // self.block_size)
-        rows = self.mask[index : index + 1] if self.lengths is None else self.mask[index : index + 1, :, :qb, :qb]
-        return dataclasses.replace(self, mask=rows, q_len=n if self.lengths else self.q_len,
-                                   k_len=n if self.lengths else self.k_len, lengths=None)  # fmt: skip
+        blocks = -(-n // self.block_size)
+        return dataclasses.replace(self, mask=one[:, :, :blocks, :blocks], q_len=n, k_len=n, lengths=None)
 
     def to(self, device: torch.device | str) -> BlockMask:
         return dataclasses.replace(self, mask=self.mask.to(device))

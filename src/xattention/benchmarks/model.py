@@ -194,7 +194,8 @@ class _Clock:
 
 
 def _cache_kwargs(model: Any, out: Any) -> dict[str, Any]:
-    """The KV cache of ``out`` under the name ``model.forward`` takes (``cache`` in transformers >= 5.2x)."""
+    """The KV cache of ``out`` (a model output, or :func:`xattention.prefill`'s result) under the name ``model.forward``
+    takes (``cache`` in transformers >= 5.2x)."""
     params = inspect.signature(model.forward).parameters
     cache = getattr(out, "cache", None)
     cache = out.past_key_values if cache is None else cache
@@ -215,19 +216,15 @@ def _prefill_and_step(model: Any, input_ids: Tensor, clock: _Clock, chunk_size: 
 
     Returns three clock marks: before the prefill, after the first token, after the decode step's token. Nothing is
     read back to the host, so the marks time the device's work (plus any host sync the model itself makes)."""
-    kwargs = _prefill_kwargs(model, input_ids)
-    start = clock.mark()
-    if chunk_size is None:
-        out = model(**kwargs)
-        token, cache = out.logits[:, -1:].argmax(dim=-1), _cache_kwargs(model, out)
-    else:
-        from ..integrations.prefill import prefill
+    from ..integrations.prefill import prefill
 
-        done = prefill(model, input_ids, chunk_size=chunk_size)
-        token = done.logits[:, None].argmax(dim=-1)
-        cache = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": done.cache}
+    kwargs = _prefill_kwargs(model, input_ids) if chunk_size is None else {}
+    start = clock.mark()
+    out = model(**kwargs) if chunk_size is None else prefill(model, input_ids, chunk_size=chunk_size)
+    logits = out.logits[:, -1:] if chunk_size is None else out.logits[:, None]  # prefill returns the last position's
+    token = logits.argmax(dim=-1)
     first = clock.mark()
-    step = model(input_ids=token, use_cache=True, **cache)
+    step = model(input_ids=token, use_cache=True, **_cache_kwargs(model, out))
     step.logits[:, -1:].argmax(dim=-1)
     second = clock.mark()
     return start, first, second
@@ -272,9 +269,9 @@ def time_to_first_token(
     """TTFT of ``model`` on ``input_ids [1, L]`` (on the model's device) as it is configured now.
 
     One repeat = prefill (``logits_to_keep=1``, in ``chunk_size`` chunks if given) + greedy first token + one decode
-    step, timed with CUDA events and a
-    ``torch.cuda.synchronize`` after it (``perf_counter`` on the CPU). ``warmup`` untimed repeats come first; peak
-    memory is measured over the timed ones (``torch.cuda.max_memory_allocated``, reset after the warm-up).
+    step, timed with CUDA events and a ``torch.cuda.synchronize`` after it (``perf_counter`` on the CPU). ``warmup``
+    untimed repeats come first; peak memory is measured over the timed ones (``torch.cuda.max_memory_allocated``, reset
+    after the warm-up).
     """
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")

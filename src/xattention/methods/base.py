@@ -7,6 +7,7 @@ the causal diagonal; :class:`Geometry`) and the cumulative selection rule
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 import typing
@@ -200,10 +201,9 @@ class Method(ABC):
         else:
             extra = {"lengths": lens} if self.padded_batch == "lengths" else {}
             full = self.estimate(q, k, causal=True, scale=scale, backend=backend, **extra)
-            rows = torch.tensor([-(-n // b) for n in lens]).to(q.device, non_blocking=True)
-            mask = full.mask & (torch.arange(full.mask.shape[2], device=q.device) < rows[:, None])[:, None, :, None]
-            shared = full.shared_heads
-        return BlockMask(mask, b, geo.q_len, geo.k_len, True, shared_heads=shared, lengths=lens)
+            mask, shared = full.mask, full.shared_heads
+        padded = BlockMask(mask, b, geo.q_len, geo.k_len, True, shared_heads=shared, lengths=lens)
+        return dataclasses.replace(padded, mask=mask & padded.visible_per_element()[:, None])
 
     def geometry(self, q: Tensor, k: Tensor, *, causal: bool = True, backend: str = "auto") -> Geometry:
         """Check q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` and the backend name; the :class:`Geometry` to select in."""

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..block_mask import BlockMask, check_lengths
+from ..block_mask import BlockMask, check_lengths, length_tensor, padding_positions
 from .base import Method, check_fraction
 
 __all__ = ["XAttention"]
@@ -98,9 +98,8 @@ class XAttention(Method):
         thresholds = self.head_thresholds(geo.heads, q.device)
         lens = None
         if lengths is not None:  # positions past each length read as the zeros a lone element is padded with
-            values = check_lengths(lengths, geo.batch, geo.q_len, geo.k_len, causal)
-            lens = torch.tensor(values).to(q.device, non_blocking=True)
-            padding = (torch.arange(geo.q_len, device=q.device) >= lens[:, None])[:, None, :, None]  # [B, 1, L, 1]
+            lens = length_tensor(check_lengths(lengths, geo.batch, geo.q_len, geo.k_len, causal), q.device)
+            padding = padding_positions(lens, geo.q_len)[:, None, :, None]
             q, k = q.masked_fill(padding, 0.0), k.masked_fill(padding, 0.0)
         on_triton = geo.backend == "triton"
         if on_triton:

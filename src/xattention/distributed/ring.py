@@ -423,12 +423,12 @@ def attend_shard(
     ``[B, Hq, Lq]`` (``-inf`` where a query sees no key). The Triton kernel on CUDA (power-of-two ``block_size >= 16``),
     the PyTorch reference elsewhere.
     """
-    pow2 = block_size >= 16 and block_size & (block_size - 1) == 0
-    if pow2 and resolve_backend("auto", q.device) == "triton":
-        from ..kernels.block_sparse_attention import block_sparse_attention
+    if resolve_backend("auto", q.device) == "triton":
+        from ..kernels.block_sparse_attention import block_sparse_attention, unsupported_block_size
 
-        out, lse = block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal, scale=scale, return_lse=True)
-        return out, lse
+        if unsupported_block_size(block_size) is None:
+            out, lse = block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal, scale=scale, return_lse=True)
+            return out, lse
     return ref.block_sparse_attention_lse(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
 
 

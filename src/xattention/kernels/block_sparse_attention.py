@@ -18,7 +18,7 @@ from torch import Tensor
 from ..block_mask import causal_block_bounds, full_block_limit
 from . import softmax_scale, tma_usable
 
-__all__ = ["block_sparse_attention", "mask_to_indices", "split_block_lists"]
+__all__ = ["block_sparse_attention", "mask_to_indices", "split_block_lists", "unsupported_block_size"]
 
 LOG2E = 1.4426950408889634
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # natural log of 2: converts log2 sums back to nats
@@ -190,6 +190,13 @@ def split_block_lists(mask: Tensor, *, q_len: int, k_len: int, block_size: int, 
     return mask_to_indices(mask, full_max, visible_max)
 
 
+def unsupported_block_size(block_size: int) -> str | None:
+    """Why the Triton attention kernel cannot take ``block_size``, or ``None`` when it can (a power of two >= 16)."""
+    if block_size < 16 or block_size & (block_size - 1):
+        return f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}"
+    return None
+
+
 def block_sparse_attention(
     q: Tensor,
     k: Tensor,
@@ -215,8 +222,9 @@ def block_sparse_attention(
     """
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if block_size < 16 or block_size & (block_size - 1):
-        raise ValueError(f"the Triton kernel needs a power-of-two block_size >= 16, got {block_size}")
+    error = unsupported_block_size(block_size)
+    if error is not None:
+        raise ValueError(error)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     qb, kb = mask.shape[2], mask.shape[3]
     indices, counts, n_full = split_block_lists(mask, q_len=lq, k_len=lk, block_size=block_size, causal=causal)

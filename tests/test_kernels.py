@@ -18,7 +18,7 @@ import triton
 
 from xattention.kernels import reference as ref
 from xattention.kernels.antidiagonal import antidiagonal_block_scores
-from xattention.kernels.block_sparse_attention import block_sparse_attention, mask_to_indices
+from xattention.kernels.block_sparse_attention import block_sparse_attention, mask_to_indices, unsupported_block_size
 from xattention.kernels.select import select_blocks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,6 +83,15 @@ def test_mask_to_indices_matches_block_mask() -> None:
     want_idx, want_cnt = BlockMask(mask, 16, 80, 144, causal=False).to_indices()
     assert torch.equal(cnt, want_cnt)
     assert torch.equal(idx, want_idx)
+
+
+def test_block_sparse_attention_rejects_what_the_kernel_cannot_take() -> None:
+    assert all(unsupported_block_size(b) is None for b in (16, 32, 128))
+    assert all("power-of-two" in (unsupported_block_size(b) or "") for b in (8, 48, 100))
+    q, k = _qk(1, 2, 1, 64, 64, 16)
+    mask = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="power-of-two block_size >= 16, got 48"):
+        block_sparse_attention(q, k, k, mask, block_size=48)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -435,13 +435,48 @@ def test_a_thresholds_spec_from_method_from_spec_runs_in_apply(tmp_path) -> None
     assert torch.equal(got, expected) and not torch.allclose(got, dense)
 
 
+def test_paired_differences_against_any_baseline() -> None:
+    def rec(method: str, task: str, sample: int, score: float) -> dict:
+        return {"model": "m", "task": task, "length": 4096, "method": method, "score": score, "sample": sample,
+                "seed": 7 + sample}  # fmt: skip
+
+    records = [rec("dense", "vt", i, 1.0) for i in range(2)]
+    records += [rec("global", "vt", i, s) for i, s in enumerate((1.0, 0.0))]
+    records += [rec("global", "cwe", i, s) for i, s in enumerate((0.5, 0.5))]
+    records += [rec("calibrated", "vt", i, s) for i, s in enumerate((0.0, 0.0))]
+    records += [rec("calibrated", "cwe", i, s) for i, s in enumerate((1.0, 0.5, 1.0))]  # sample 2: no global twin
+    rows = {r["method"]: r for r in report.paired_differences(records, baseline="global")}
+    assert set(rows) == {"dense", "calibrated"}  # dense shares vt only
+    # calibrated - global: vt (-100, 0) mean -50 se 50; cwe (+50, 0) mean +25 se 25; over 2 tasks
+    cal = rows["calibrated"]
+    assert (cal["tasks"], cal["difference"]) == (2, -12.5)
+    assert math.isclose(cal["stderr"], math.sqrt(50.0**2 + 25.0**2) / 2)
+    assert (rows["dense"]["tasks"], rows["dense"]["difference"]) == (1, 50.0)
+    assert report.paired_differences(records) == report.summarize(records)["differences"]
+
+
 def test_method_family_groups_a_sweep_into_one_curve() -> None:
     assert report.method_family("xattention:stride=8,threshold=0.9") == ("xattention:stride=8", "0.9")
     assert report.method_family("xattention:threshold=0.9,stride=8") == ("xattention:stride=8", "0.9")
     assert report.method_family("xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.85.json") == (
-        "xattention:stride=8 per-head",
+        "xattention:stride=8 thresholds-m-4k",
         "mass0.85",
     )
+    # calibration_heldout.sh's files: one curve per statistic and granularity, the point is the matched global tau
+    for per in ("head", "layer"):
+        assert report.method_family(f"xattention:stride=8,thresholds=t/m-4096-mass-{per}-tau0.9.json") == (
+            f"xattention:stride=8 m-4096-mass-{per}",
+            "tau0.9",
+        )
+    assert report.method_family("xattention:thresholds=t.json") == ("xattention thresholds", "t")
     assert report.method_family("streaming:sink_blocks=1,local_blocks=4") == ("streaming:sink_blocks=1", "4")
     assert report.method_family("flexprefill:gamma=0.95") == ("flexprefill", "0.95")
     assert report.method_family("dense") == ("dense", "")
+
+
+def test_legend_columns_shrink_for_long_labels() -> None:
+    short = ["dense", "oracle", "streaming", "flexprefill"]
+    long = [f"xattention:stride=8 smollm2-4096-answer_mass-{per}" for per in ("head", "layer")] + ["xattention:stride=8"]
+    assert report._legend_columns(short, 5.2) == 4
+    assert report._legend_columns(long, 5.2) == 1  # two 50-character labels do not fit side by side in one panel
+    assert report._legend_columns(long, 15.6) == 3  # three panels wide

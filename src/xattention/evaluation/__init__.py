@@ -19,6 +19,7 @@ __all__ = [
     "EvalConfig",
     "Sample",
     "SampleGenerator",
+    "paired_differences",
     "run_eval",
     "score",
     "string_match_all",
@@ -37,6 +38,7 @@ _WHERE = {
     "score": "scoring",
     "string_match_all": "scoring",
     "string_match_part": "scoring",
+    "paired_differences": "report",
     "summarize": "report",
     "write_report": "report",
 }

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_markdown", "method_family", "plot_score_vs_density", "summarize", "write_report"]
+__all__ = ["format_markdown", "method_family", "paired_differences", "plot_score_vs_density", "summarize", "write_report"]
 
 SUMMARY_MD = "summary.md"
 SUMMARY_JSON = "summary.json"
@@ -90,19 +90,30 @@ def summarize(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             }
         )
     averages.sort(key=lambda a: (a["model"], a["length"], a["method"]))
-    return {"cells": cells, "averages": averages, "differences": _paired_differences(groups)}
+    return {"cells": cells, "averages": averages, "differences": _paired_differences(groups, "dense")}
 
 
-def _paired_differences(groups: dict[tuple[str, str, int, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Each method minus ``dense`` on the same prompts (paired by task, sample and seed), averaged over tasks.
+def paired_differences(records: Iterable[dict[str, Any]], *, baseline: str = "dense") -> list[dict[str, Any]]:
+    """Each method minus ``baseline`` on the same prompts (paired by task, sample and seed), averaged over tasks.
 
     Pairing removes the prompt-to-prompt variance both methods share, so the difference's standard error is much
     smaller than either score's: this is the number to hold against a "within 1 point of dense" target.
+
+    Returns one row per (model, length, method other than ``baseline``) that shares prompts with it:
+    ``{"model", "length", "method", "tasks", "difference", "stderr"}`` in points (×100); ``summarize`` reports the
+    rows against ``dense``.
     """
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in records:
+        groups[(str(rec["model"]), str(rec["task"]), int(rec["length"]), str(rec["method"]))].append(rec)
+    return _paired_differences(groups, baseline)
+
+
+def _paired_differences(groups: dict[tuple[str, str, int, str], list[dict[str, Any]]], baseline: str) -> list[dict[str, Any]]:
     per_task: dict[tuple[str, int, str], list[tuple[float, float | None]]] = defaultdict(list)
     for (model, task, length, method), recs in groups.items():
-        base = groups.get((model, task, length, "dense"))
-        if method == "dense" or base is None:
+        base = groups.get((model, task, length, baseline))
+        if method == baseline or base is None:
             continue
         base_scores = {(r.get("sample"), r.get("seed")): float(r["score"]) for r in base}
         diffs = [
@@ -224,8 +235,9 @@ def method_family(label: str) -> tuple[str, str]:
     """``(curve, point)`` of a method label for the plot: the label without its swept parameter, and that parameter.
 
     ``"xattention:stride=8,threshold=0.9"`` -> ``("xattention:stride=8", "0.9")``;
-    ``"xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.9.json"`` -> ``("xattention:stride=8 per-head",
-    "mass0.9")`` (the file name's last ``-`` part); ``"dense"`` -> ``("dense", "")``.
+    ``"xattention:stride=8,thresholds=runs/thresholds-m-4k-mass0.9.json"`` -> ``("xattention:stride=8 thresholds-m-4k",
+    "mass0.9")`` (the file name before and after its last ``-``: files that differ only in that part form one curve);
+    ``"dense"`` -> ``("dense", "")``.
     """
     from ..methods.registry import parse_spec
 
@@ -234,8 +246,17 @@ def method_family(label: str) -> tuple[str, str]:
     swept = {k: v for k, v in params if k in _SWEPT}
     family = name + (":" + ",".join(fixed) if fixed else "")
     if "thresholds" in swept:
-        return family + " per-head", Path(swept["thresholds"]).stem.rsplit("-", 1)[-1]
+        stem = Path(swept["thresholds"]).stem
+        curve, _, point = stem.rpartition("-")
+        return f"{family} {curve or 'thresholds'}", point
     return family, ",".join(swept.values())
+
+
+def _legend_columns(labels: Sequence[str], width_inches: float) -> int:
+    """How many legend columns of 8-point labels fit the figure's width (at most 4): long labels get fewer."""
+    chars_per_inch = 15  # 8-point sans-serif, plus the marker and gap of each entry (~6 characters)
+    widest = max(len(lbl) for lbl in labels) + 6
+    return max(1, min(4, len(labels), int(width_inches * chars_per_inch) // widest))
 
 
 def plot_score_vs_density(summary: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -280,7 +301,7 @@ def plot_score_vs_density(summary: dict[str, Any], path: str | os.PathLike) -> P
         if relative:
             ax.axhspan(-1.0, 1.0, color="grey", alpha=0.15, lw=0)
             ax.axhline(0.0, color="black", lw=0.8)
-            ax.set_ylabel("score − dense, RULER ×100 (paired, mean over tasks)")
+            ax.set_ylabel("score − dense (paired, RULER ×100)")
         else:
             ax.set_ylabel("score, RULER ×100 (mean over tasks)")
         ax.set_xlabel("block density (kept fraction of causal blocks)")
@@ -294,8 +315,9 @@ def plot_score_vs_density(summary: dict[str, Any], path: str | os.PathLike) -> P
                 handles.append(h)
                 labels.append(lbl)
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 4), 1, 1))
+        ncol = _legend_columns(labels, fig.get_figwidth())
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // ncol), 1, 1))
     else:
         fig.tight_layout()
     path = Path(path)

@@ -82,7 +82,9 @@ def test_fa4_dispatch_traces_fullgraph(monkeypatch: pytest.MonkeyPatch) -> None:
     from xattention.kernels import fa4, reference
 
     def fake_sparse(q, k, v, mask, *, block_size, causal, scale, return_lse, shared_heads):
-        out, lse = reference.block_sparse_attention_lse(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
+        out, lse = reference.block_sparse_attention(
+            q, k, v, mask, block_size=block_size, causal=causal, scale=scale, return_lse=True
+        )
         return out, lse
 
     def fake_dense(q, k, v, *, causal=True, scale=None):

@@ -103,12 +103,12 @@ def test_select_blocks_masked_equals_select_blocks_on_any_rows() -> None:
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_block_sparse_attention_lse_matches_explicit_logsumexp(causal: bool) -> None:
+def test_reference_return_lse_matches_explicit_logsumexp(causal: bool) -> None:
     bsz, hq, hkv, lq, lk, d, b = 2, 4, 2, 37, 70, 8, 16
     q, k, v = torch.randn(bsz, hq, lq, d), torch.randn(bsz, hkv, lk, d), torch.randn(bsz, hkv, lk, d)
     mask = torch.rand(bsz, hq, -(-lq // b), -(-lk // b)) < 0.5
     mask[0, 0, 0] = False  # a row that sees nothing: zeros and -inf
-    out, lse = ref.block_sparse_attention_lse(q, k, v, mask, block_size=b, causal=causal)
+    out, lse = ref.block_sparse_attention(q, k, v, mask, block_size=b, causal=causal, return_lse=True)
     tok = xa.BlockMask(mask, b, lq, lk, causal).to_token_mask()
     scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(hq // hkv, 1)) / math.sqrt(d)
     expected_lse = torch.logsumexp(scores.masked_fill(~tok, float("-inf")), dim=-1)

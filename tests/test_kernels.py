@@ -213,3 +213,19 @@ def test_scorer_configs_never_split_head_dim_below_a_16_deep_dot() -> None:
     configs = [triton.Config({"BLOCK_T": 128, "BLOCK_U": 256, "SPLIT_D": sp}) for sp in (1, 2)]
     assert [c.kwargs["SPLIT_D"] for c in antidiagonal._prune_configs(configs, {}, BLOCK_D=16)] == [1]
     assert len(antidiagonal._prune_configs(configs, {}, BLOCK_D=128)) == 2
+
+
+def test_every_backends_attention_kernel_has_the_references_contract() -> None:
+    """One typed contract for the three kernels of block-sparse attention: same leading parameters and defaults."""
+    import inspect
+
+    from xattention.kernels import fa4
+
+    contract = ["q", "k", "v", "mask", "block_size", "causal", "scale", "return_lse"]
+    reference_sig = inspect.signature(ref.block_sparse_attention)
+    for fn in (ref.block_sparse_attention, block_sparse_attention, fa4.block_sparse_attention):
+        params = inspect.signature(fn).parameters
+        assert list(params)[: len(contract)] == contract, fn.__module__
+        for name in contract[4:]:
+            assert params[name].default == reference_sig.parameters[name].default, (fn.__module__, name)
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn.__module__, name)

@@ -121,9 +121,7 @@ def block_sparse_attention(
         return flex_kernel(q, k, v, mask.mask, **kwargs)
     from .kernels import reference
 
-    if return_lse:
-        return reference.block_sparse_attention_lse(q, k, v, mask.mask, **kwargs)
-    return reference.block_sparse_attention(q, k, v, mask.mask, **kwargs)
+    return reference.block_sparse_attention(q, k, v, mask.mask, return_lse=return_lse, **kwargs)
 
 
 @overload

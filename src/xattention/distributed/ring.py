@@ -429,7 +429,7 @@ def attend_shard(
         if unsupported_block_size(block_size) is None:
             out, lse = block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal, scale=scale, return_lse=True)
             return out, lse
-    return ref.block_sparse_attention_lse(q, k, v, mask, block_size=block_size, causal=causal, scale=scale)
+    return ref.block_sparse_attention(q, k, v, mask, block_size=block_size, causal=causal, scale=scale, return_lse=True)
 
 
 def _merge(acc: tuple[Tensor, Tensor] | None, part: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,6 @@ __all__ = [
     "antidiagonal_partial_scores",
     "block_rows_geometry",
     "block_sparse_attention",
-    "block_sparse_attention_lse",
     "cumulative_select",
     "forced_blocks",
     "merge_partial_row_stats",
@@ -199,18 +198,23 @@ def block_sparse_attention(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
+    return_lse: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-) -> Tensor:
-    """Exact softmax attention restricted to the kept blocks of ``mask``.
-
-    The same function as :func:`block_sparse_attention_lse`, computed by PyTorch's fused SDPA on the expanded token
-    mask, chunk by chunk (several times faster on CPU than materialising the probabilities).
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Exact softmax attention restricted to the kept blocks of ``mask``; the contract of every backend's kernel.
 
     Args:
         q: ``[B, Hq, Lq, D]``; k, v: ``[B, Hkv, Lk, D]``; mask: bool ``[B, Hq, Qb, Kb]`` (see :class:`BlockMask`).
+        return_lse: also return each query's log-sum-exp, for merging partial results.
     Returns:
-        ``[B, Hq, Lq, D]`` in q's dtype, computed in float32. A query that sees no key gets zeros.
+        ``[B, Hq, Lq, D]`` in q's dtype, computed in float32; a query that sees no key gets zeros. With ``return_lse``,
+        ``(out, lse)``, lse float32 ``[B, Hq, Lq]`` = ``log sum_j exp(scale q.k_j)`` over the visible kept keys
+        (natural log; ``-inf`` for a query that sees no key). Without it, PyTorch's fused SDPA runs on the expanded
+        token mask chunk by chunk (several times faster on CPU than materialising the probabilities).
     """
+    if return_lse:
+        return _attention_with_lse(q, k, v, mask, block_size=block_size, causal=causal, scale=scale,
+                                   chunk_elements=chunk_elements)  # fmt: skip
     hq, lq, d = q.shape[1:]
     hkv, lk = k.shape[1], k.shape[2]
     factor = softmax_scale(scale, d)
@@ -421,24 +425,10 @@ def cumulative_select(
     return keep if visible is None else keep & visible
 
 
-def block_sparse_attention_lse(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Tensor,
-    *,
-    block_size: int,
-    causal: bool = True,
-    scale: float | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+def _attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, block_size: int, causal: bool, scale: float | None, chunk_elements: int
 ) -> tuple[Tensor, Tensor]:
-    """:func:`block_sparse_attention` that also returns each query's log-sum-exp, for merging partial results.
-
-    Returns:
-        ``(out, lse)``: ``[B, Hq, Lq, D]`` in q's dtype and float32 ``[B, Hq, Lq]`` = ``log sum_j exp(scale q.k_j)`` over
-        the visible kept keys (natural log; ``-inf`` and a zero output for a query that sees no key), as the Triton
-        kernel's ``return_lse=True``.
-    """
+    """:func:`block_sparse_attention` with ``return_lse=True``, computed explicitly (SDPA does not return the LSE)."""
     bsz, hq, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     g = hq // hkv

@@ -453,6 +453,8 @@ def test_paired_differences_against_any_baseline() -> None:
     assert math.isclose(cal["stderr"], math.sqrt(50.0**2 + 25.0**2) / 2)
     assert (rows["dense"]["tasks"], rows["dense"]["difference"]) == (1, 50.0)
     assert report.paired_differences(records) == report.summarize(records)["differences"]
+    with pytest.raises(ValueError, match="no results of the baseline method 'global '"):
+        report.paired_differences(records, baseline="global ")
 
 
 def test_method_family_groups_a_sweep_into_one_curve() -> None:

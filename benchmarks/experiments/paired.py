@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     records = read_results(args.dir / "results.jsonl")
     if args.samples is not None:
         records = [r for r in records if int(r["sample"]) < args.samples]
-    if not any(r["method"] == args.baseline for r in records):
-        parser.error(f"no results for --baseline {args.baseline!r} in {args.dir}")
-    sys.stdout.write(table(records, args.baseline, args.only) + "\n")
+    try:
+        sys.stdout.write(table(records, args.baseline, args.only) + "\n")
+    except ValueError as exc:
+        parser.error(f"{exc} in {args.dir}")
     return 0
 
 

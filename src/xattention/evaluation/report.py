@@ -101,11 +101,13 @@ def paired_differences(records: Iterable[dict[str, Any]], *, baseline: str = "de
 
     Returns one row per (model, length, method other than ``baseline``) that shares prompts with it:
     ``{"model", "length", "method", "tasks", "difference", "stderr"}`` in points (×100); ``summarize`` reports the
-    rows against ``dense``.
+    rows against ``dense``. Raises ``ValueError`` when no record is of method ``baseline``.
     """
     groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for rec in records:
         groups[(str(rec["model"]), str(rec["task"]), int(rec["length"]), str(rec["method"]))].append(rec)
+    if not any(method == baseline for *_, method in groups):
+        raise ValueError(f"no results of the baseline method {baseline!r}")
     return _paired_differences(groups, baseline)
 
 

@@ -4,12 +4,15 @@ round trip. Method-specific behaviour is tested in ``test_methods_baselines.py``
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import ClassVar
 
 import pytest
 import torch
 
 import xattention as xa
+from xattention.methods.base import Geometry
 
 BLOCK = 16
 # (B, Hq, Hkv, Lq, Lk, D): one block, ragged ends, GQA, chunked prefill whose offset is not a multiple of the block
@@ -110,6 +113,9 @@ def test_estimate_refuses_bad_inputs(name: str) -> None:
     q, k, _ = _qkv(1, 2, 1, 40, 20, 8)  # more queries than keys
     with pytest.raises(ValueError, match="Lq"):
         _method(name).estimate(q, k)
+    q, k, _ = _qkv(1, 2, 1, 20, 20, 8)
+    with pytest.raises(ValueError, match="unknown backend 'bogus'"):  # Dense once accepted any name
+        _method(name).estimate(q, k, backend="bogus")
     assert math.isfinite(_method(name).min_seq_len)
 
 
@@ -123,3 +129,22 @@ def test_xattention_defaults_are_the_evidence_backed_ones() -> None:
     assert (method.stride, method.threshold, method.block_size) == (8, 0.95, 128)
     assert "xattention:stride=8,threshold=0.95" in DEFAULT_METHODS
     assert EvalConfig().methods == "dense,xattention:threshold=0.95"
+
+
+def test_a_new_method_writes_choose_blocks_only() -> None:
+    """The base's estimate checks the inputs and hands the subclass their geometry; forced blocks are added for it."""
+
+    @dataclasses.dataclass(kw_only=True, eq=False)
+    class ForcedOnly(xa.Method):
+        name: ClassVar[str] = "forced_only"
+
+        def choose_blocks(self, q: torch.Tensor, k: torch.Tensor, geo: Geometry, *, scale: float | None) -> xa.BlockMask:
+            return geo.block_mask(torch.zeros(geo.batch, geo.heads, 1, 1, dtype=torch.bool, device=geo.device))
+
+    q, k, _ = _qkv(2, 4, 2, 45, 100, 16)
+    mask = ForcedOnly(block_size=BLOCK).estimate(q, k)
+    assert torch.equal(mask.mask, xa.block_mask.forced_blocks(45, 100, BLOCK).expand(2, 4, -1, -1))
+    with pytest.raises(ValueError, match="unknown backend"):
+        ForcedOnly(block_size=BLOCK).estimate(q, k, backend="bogus")
+    with pytest.raises(TypeError, match="abstract"):
+        dataclasses.dataclass(kw_only=True, eq=False)(type("NoChoice", (xa.Method,), {}))()

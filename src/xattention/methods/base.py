@@ -1,4 +1,4 @@
-"""The method interface: a validated configuration with one ``estimate(q, k) -> BlockMask``.
+"""The method interface: a validated configuration with one ``choose_blocks(q, k, geometry) -> BlockMask``.
 
 The base owns what every method shares: input checks, the row geometry (sink and diagonal blocks forced, nothing above
 the causal diagonal; :class:`Geometry`) and the cumulative selection rule
@@ -138,8 +138,9 @@ class Method(ABC):
     """Base class of every block-selection method.
 
     Subclasses are ``@dataclass(kw_only=True, eq=False)`` configurations that validate in ``__post_init__`` (calling
-    ``super().__post_init__()`` first) and implement :meth:`estimate`. The base checks every field's type against its
-    annotation exactly (a bool is not an int, a string is not a bool), so subclasses only check ranges.
+    ``super().__post_init__()`` first) and implement :meth:`choose_blocks`; :meth:`estimate` checks the inputs and
+    calls it. The base checks every field's type against its annotation exactly (a bool is not an int, a string is not
+    a bool), so subclasses only check ranges.
 
     Attributes:
         block_size: tokens per block along queries and keys (default 128).
@@ -164,11 +165,10 @@ class Method(ABC):
         if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
             raise ValueError(f"min_seq_len must be a non-negative int, got {self.min_seq_len!r}")
 
-    @abstractmethod
     def estimate(
         self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
     ) -> BlockMask:
-        """Choose the key blocks each query block attends to.
+        """Choose the key blocks each query block attends to: checks the inputs, then :meth:`choose_blocks`.
 
         Args:
             q: ``[B, Hq, Lq, D]`` post-RoPE queries; k: ``[B, Hkv, Lk, D]`` post-RoPE keys (``Hq % Hkv == 0``,
@@ -179,6 +179,12 @@ class Method(ABC):
         Returns:
             A :class:`BlockMask` of shape ``[B, Hq, ceil(Lq/b), ceil(Lk/b)]``.
         """
+        return self.choose_blocks(q, k, self.geometry(q, k, causal=causal, backend=backend), scale=scale)
+
+    @abstractmethod
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """The method itself: the :class:`BlockMask` ``[B, Hq, Qb, Kb]`` for q and k, already checked and described by
+        ``geo`` (its forced and visible blocks, the selection rule and the resolved scoring backend)."""
 
     def estimate_padded(
         self, q: Tensor, k: Tensor, lengths: Sequence[int], *, scale: float | None = None, backend: str = "auto"

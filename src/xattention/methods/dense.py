@@ -7,9 +7,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from .._validation import check_qkv
 from ..block_mask import BlockMask
-from .base import Method
+from .base import Geometry, Method
 
 __all__ = ["Dense"]
 
@@ -21,8 +20,6 @@ class Dense(Method):
     name: ClassVar[str] = "dense"
     padded_batch: ClassVar[str] = "geometry"
 
-    def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
-    ) -> BlockMask:
-        bsz, hq, _, lq, lk, _ = check_qkv(q, k)
-        return BlockMask.full(bsz, hq, block_size=self.block_size, q_len=lq, k_len=lk, causal=causal, device=q.device)
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """Every visible block of ``geo``."""
+        return geo.block_mask(geo.visible.expand(geo.batch, geo.heads, -1, -1))

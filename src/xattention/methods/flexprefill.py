@@ -13,7 +13,7 @@ from .._validation import check_qkv
 from ..block_mask import BlockMask, visible_blocks
 from ..kernels import softmax_scale
 from ..kernels.reference import cumulative_select
-from .base import Method
+from .base import Geometry, Method
 from .vertical_slash import keep_top_lines, last_queries_line_sums, line_block_sums
 
 __all__ = ["FlexPrefill", "block_mean"]
@@ -134,13 +134,9 @@ class FlexPrefill(Method):
         visible = visible_blocks(lq, lk, b, q.device, causal=causal)
         return torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
 
-    def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
-    ) -> BlockMask:
-        """FlexPrefill blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
-
-        Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        geo = self.geometry(q, k, causal=causal, backend=backend)
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """FlexPrefill blocks, computed in PyTorch on the inputs' device (the scoring backend is not used)."""
+        causal = geo.causal
         lq, lk, b, gamma = geo.q_len, geo.k_len, self.block_size, float(self.gamma)
         visible, forced = geo.visible, geo.forced  # the forced blocks are always visible
 

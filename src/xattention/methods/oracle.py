@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..block_mask import BlockMask
 from ..kernels.reference import true_block_scores
-from .base import Method, check_fraction
+from .base import Geometry, Method, check_fraction
 
 __all__ = ["Oracle"]
 
@@ -37,12 +37,7 @@ class Oracle(Method):
         super().__post_init__()
         check_fraction("threshold", self.threshold)
 
-    def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
-    ) -> BlockMask:
-        """Oracle blocks for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``.
-
-        Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        geo = self.geometry(q, k, causal=causal, backend=backend)
-        scores = true_block_scores(q, k, block_size=self.block_size, causal=causal, scale=scale)
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """Oracle blocks, computed in PyTorch on the inputs' device (the scoring backend is not used)."""
+        scores = true_block_scores(q, k, block_size=self.block_size, causal=geo.causal, scale=scale)
         return geo.block_mask(geo.select(scores, float(self.threshold)))

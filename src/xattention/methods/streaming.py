@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..block_mask import BlockMask, causal_block_bounds
-from .base import Method
+from .base import Geometry, Method
 
 __all__ = ["Streaming", "streaming_pattern"]
 
@@ -70,12 +70,9 @@ class Streaming(Method):
         if isinstance(self.local_blocks, bool) or not isinstance(self.local_blocks, int) or self.local_blocks < 1:
             raise ValueError(f"local_blocks must be a positive int, got {self.local_blocks!r}")
 
-    def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
-    ) -> BlockMask:
-        """The Λ pattern for q ``[B, Hq, Lq, D]`` and k ``[B, Hkv, Lk, D]``: a :class:`BlockMask` ``[B, Hq, Qb, Kb]``."""
-        geo = self.geometry(q, k, causal=causal, backend=backend)  # validates the backend name; no kernel runs
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """The Λ pattern of ``geo``'s shape (no kernel runs)."""
         b = self.block_size
         pattern = streaming_pattern(geo.q_len, geo.k_len, b, self.sink_blocks, self.local_blocks, q.device)
         mask = pattern.expand(geo.batch, geo.heads, *pattern.shape).contiguous()
-        return BlockMask(mask, b, geo.q_len, geo.k_len, causal)
+        return BlockMask(mask, b, geo.q_len, geo.k_len, geo.causal)

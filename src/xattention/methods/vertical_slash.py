@@ -16,7 +16,7 @@ from torch import Tensor
 from ..block_mask import BlockMask
 from ..kernels import softmax_scale
 from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, cumulative_select
-from .base import Method, check_fraction
+from .base import Geometry, Method, check_fraction
 
 __all__ = [
     "VerticalSlash",
@@ -191,15 +191,11 @@ class VerticalSlash(Method):
         if self.threshold is not None:
             check_fraction("threshold", self.threshold)
 
-    def estimate(
-        self, q: Tensor, k: Tensor, *, causal: bool = True, scale: float | None = None, backend: str = "auto"
-    ) -> BlockMask:
-        """Block cover of the vertical-slash lines for q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``: ``[B, Hq, Qb, Kb]``.
-
-        Runs in PyTorch on the inputs' device (``backend`` is validated, not used)."""
-        geo = self.geometry(q, k, causal=causal, backend=backend)
+    def choose_blocks(self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None) -> BlockMask:
+        """Block cover of the vertical-slash lines, computed in PyTorch on the inputs' device (the scoring backend is not
+        used)."""
         lq, lk, b = geo.q_len, geo.k_len, self.block_size
-        vertical, slash = last_queries_line_sums(q, k, last_q=self.last_q, causal=causal, scale=scale)
+        vertical, slash = last_queries_line_sums(q, k, last_q=self.last_q, causal=geo.causal, scale=scale)
         if self.threshold is not None:
             v_keep = keep_top_lines(vertical, threshold=float(self.threshold))
             s_keep = keep_top_lines(slash, threshold=float(self.threshold))

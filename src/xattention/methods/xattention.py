@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..block_mask import BlockMask, check_lengths, length_tensor, padding_positions
-from .base import Method, check_fraction
+from .base import Geometry, Method, check_fraction
 
 __all__ = ["XAttention"]
 
@@ -94,7 +94,13 @@ class XAttention(Method):
     ) -> BlockMask:
         """See :meth:`Method.estimate`; ``lengths`` scores a right-padded batch in one pass (prefer
         :meth:`~Method.estimate_padded`, which also empties the rows past each length)."""
-        geo = self.geometry(q, k, causal=causal, backend=backend)
+        return self.choose_blocks(q, k, self.geometry(q, k, causal=causal, backend=backend), scale=scale, lengths=lengths)
+
+    def choose_blocks(
+        self, q: Tensor, k: Tensor, geo: Geometry, *, scale: float | None, lengths: Sequence[int] | None = None
+    ) -> BlockMask:
+        """Antidiagonal scores on ``geo.backend``, then the cumulative selection per row (see :meth:`estimate`)."""
+        causal = geo.causal
         thresholds = self.head_thresholds(geo.heads, q.device)
         lens = None
         if lengths is not None:  # positions past each length read as the zeros a lone element is padded with

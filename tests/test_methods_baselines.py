@@ -548,6 +548,20 @@ def test_estimates_are_bounded_in_memory_by_chunking() -> None:
     torch.testing.assert_close(cover, line_block_sums(*whole, q_len=50, k_len=90, block_size=16, chunk_elements=1))
 
 
+def test_chunk_budget_is_larger_off_the_cpu() -> None:
+    """CPU chunks stay cache-sized; other devices get 16x larger ones (with the CPU's, VerticalSlash and FlexPrefill
+    ran 3-5x slower on the H200: launch-bound loops). An explicit budget wins everywhere."""
+    from xattention.kernels import reference as ref
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device descriptor needs no GPU
+    assert ref.rows_per_chunk(10**9, 1000, None, cpu) == ref.DEFAULT_CHUNK_ELEMENTS // 1000
+    assert ref.rows_per_chunk(10**9, 1000, None, cuda) == ref.ACCELERATOR_CHUNK_ELEMENTS // 1000
+    assert ref.ACCELERATOR_CHUNK_ELEMENTS == 16 * ref.DEFAULT_CHUNK_ELEMENTS
+    assert ref.rows_per_chunk(10**9, 1000, 5000, cuda) == 5
+    assert ref.rows_per_chunk(3, 1000, None, cuda) == 3
+    assert ref.rows_per_chunk(10, 10**12, None, cpu) == 1
+
+
 @pytest.mark.gpu
 def test_methods_run_on_cuda_and_match_cpu() -> None:
     bsz, hq, hkv, lq, lk, d, b = 1, 8, 2, 1000, 4097, 64, 128

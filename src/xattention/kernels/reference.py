@@ -18,6 +18,7 @@ from ..block_mask import forced_blocks, visible_blocks
 from . import softmax_scale
 
 __all__ = [
+    "ACCELERATOR_CHUNK_ELEMENTS",
     "DEFAULT_CHUNK_ELEMENTS",
     "antidiagonal_block_scores",
     "antidiagonal_partial_scores",
@@ -27,6 +28,7 @@ __all__ = [
     "forced_blocks",
     "merge_partial_row_stats",
     "partial_block_scores",
+    "rows_per_chunk",
     "select_blocks",
     "select_blocks_masked",
     "shard_lengths",
@@ -34,10 +36,12 @@ __all__ = [
     "true_block_scores",
 ]
 
-# Float32 elements of one chunk's score matrix (16 MiB; one block row at least): bounds memory at any length, and is
-# small enough that the CPU allocator reuses its buffers instead of faulting in fresh pages for every chunk (measured
-# 2.2x faster than 1 GiB chunks for true_block_scores at 3.5K tokens on a 2-core CPU).
+# Float32 elements of one chunk's score matrix on the CPU (16 MiB; one block row at least): bounds memory at any length,
+# and is small enough that the CPU allocator reuses its buffers instead of faulting in fresh pages for every chunk
+# (measured 2.2x faster than 1 GiB chunks for true_block_scores at 3.5K tokens on a 2-core CPU). On accelerators one
+# chunk is a handful of kernel launches and launch overhead dominates: 16x larger there (benchmarks/NOTES.md).
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+ACCELERATOR_CHUNK_ELEMENTS = 1 << 26
 
 
 def _pad_len(x: Tensor, length: int) -> Tensor:
@@ -45,8 +49,13 @@ def _pad_len(x: Tensor, length: int) -> Tensor:
     return F.pad(x, (0, 0, 0, length - x.shape[-2])) if x.shape[-2] < length else x
 
 
-def _rows_per_chunk(num_block_rows: int, cost_per_block_row: int, budget: int) -> int:
-    return max(1, min(num_block_rows, budget // max(1, cost_per_block_row)))
+def rows_per_chunk(num_rows: int, cost_per_row: int, chunk_elements: int | None, device: torch.device) -> int:
+    """How many of ``num_rows`` rows of ``cost_per_row`` scores one chunk holds (at least one): at most
+    ``chunk_elements`` scores, or with ``None`` :data:`DEFAULT_CHUNK_ELEMENTS` on the CPU and
+    :data:`ACCELERATOR_CHUNK_ELEMENTS` on any other device."""
+    if chunk_elements is None:
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS if device.type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    return max(1, min(num_rows, chunk_elements // max(1, cost_per_row)))
 
 
 def antidiagonal_block_scores(
@@ -57,7 +66,7 @@ def antidiagonal_block_scores(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     lengths: Tensor | None = None,
 ) -> Tensor:
     """XAttention block scores (Xu et al., 2025, Sec. 2.1: antidiagonal scoring).
@@ -86,7 +95,7 @@ def antidiagonal_block_scores(
     qt = _pad_len(q.float(), qb * b).view(bsz, hkv, g, qb * r, s, d).flip(-2).reshape(bsz, hkv, g, qb * r, s * d)
     # reshape, not view: merging (S, D) needs a copy when k is a transposed [B, L, H, D] tensor (as HF passes it)
     kt = _pad_len(k.float(), kb * b).reshape(bsz, hkv, kb * r, s * d)
-    factor = (scale if scale is not None else 1.0 / math.sqrt(d)) / s
+    factor = softmax_scale(scale, d) / s
 
     u = torch.arange(kb * r, device=q.device)
     # per batch element (one row unless lengths): the tokens of queries and of keys
@@ -94,7 +103,7 @@ def antidiagonal_block_scores(
     k_lens = torch.full((1,), lk, device=q.device) if lengths is None else q_lens
     key_ok = u[None, :] * s < k_lens[:, None]  # [B or 1, U]
     out = torch.empty(bsz, hkv, g, qb, kb, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements)
+    step = rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements, q.device)
     for r0 in range(0, qb, step):
         r1 = min(qb, r0 + step)
         t = torch.arange(r0 * r, r1 * r, device=q.device)
@@ -135,7 +144,7 @@ def true_block_scores(
     block_size: int,
     causal: bool = True,
     scale: float | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """Exact attention probability mass per block, float32 ``[B, Hq, Qb, Kb]`` (each real query row sums to 1).
 
@@ -150,7 +159,7 @@ def true_block_scores(
     kf = k.float()
     k_pos = torch.arange(lk, device=q.device)
     out = torch.empty(bsz, hkv, g, qb, kb, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements)
+    step = rows_per_chunk(qb, bsz * hq * b * lk, chunk_elements, q.device)
     for r0 in range(0, qb, step):
         r1 = min(qb, r0 + step)
         rows = torch.arange(r0 * b, r1 * b, device=q.device)
@@ -177,12 +186,12 @@ def token_visibility(mask_rows: Tensor, q0: int, q1: int, *, q_len: int, k_len: 
 
 
 def _query_chunks(
-    mask: Tensor, q_len: int, k_len: int, *, block_size: int, causal: bool, chunk_elements: int
+    mask: Tensor, q_len: int, k_len: int, *, block_size: int, causal: bool, chunk_elements: int | None
 ) -> Iterator[tuple[int, int, Tensor]]:
     """``(q0, q1, visible)`` for the attention references' chunks of whole block rows of ``mask`` ``[..., Qb, Kb]``:
     queries ``q0 … q1-1`` and the bool ``[..., q1 - q0, Lk]`` keys they see, at most ``chunk_elements`` of them."""
     b, qb = block_size, mask.shape[-2]
-    step = _rows_per_chunk(qb, math.prod(mask.shape[:-2]) * b * k_len, chunk_elements)
+    step = rows_per_chunk(qb, math.prod(mask.shape[:-2]) * b * k_len, chunk_elements, mask.device)
     for r0 in range(0, qb, step):
         q0, q1 = r0 * b, min(q_len, (r0 + step) * b)
         visible = token_visibility(mask[..., r0 : r0 + step, :], q0, q1, q_len=q_len, k_len=k_len, block_size=b, causal=causal)
@@ -199,7 +208,7 @@ def block_sparse_attention(
     causal: bool = True,
     scale: float | None = None,
     return_lse: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Exact softmax attention restricted to the kept blocks of ``mask``; the contract of every backend's kernel.
 
@@ -267,7 +276,7 @@ def antidiagonal_partial_scores(
     causal: bool = True,
     scale: float | None = None,
     row_max: Tensor | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Online-softmax statistics of XAttention's reshaped rows against one shard of the keys.
 
@@ -303,7 +312,7 @@ def antidiagonal_partial_scores(
     given = None if row_max is None else row_max.float().reshape(bsz, hkv, g, qb * r)
     maxes = torch.empty(bsz, hkv, g, qb * r, dtype=torch.float32, device=q.device)
     sums = torch.empty(bsz, hkv, g, qb * r, kb, dtype=torch.float32, device=q.device)
-    step = _rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements)
+    step = rows_per_chunk(qb, bsz * hq * r * kb * r, chunk_elements, q.device)
     for r0 in range(0, qb, step):
         r1 = min(qb, r0 + step)
         t = q_start // s + torch.arange(r0 * r, r1 * r, device=q.device)
@@ -426,7 +435,15 @@ def cumulative_select(
 
 
 def _attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, block_size: int, causal: bool, scale: float | None, chunk_elements: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor,
+    *,
+    block_size: int,
+    causal: bool,
+    scale: float | None,
+    chunk_elements: int | None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`block_sparse_attention` with ``return_lse=True``, computed explicitly (SDPA does not return the LSE)."""
     bsz, hq, lq, d = q.shape

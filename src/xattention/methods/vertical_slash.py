@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..block_mask import BlockMask
 from ..kernels import softmax_scale
-from ..kernels.reference import DEFAULT_CHUNK_ELEMENTS, cumulative_select
+from ..kernels.reference import cumulative_select, rows_per_chunk
 from .base import Geometry, Method, check_fraction
 
 __all__ = [
@@ -43,7 +43,7 @@ def last_queries_line_sums(
     last_q: int,
     causal: bool = True,
     scale: float | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Exact softmax attention of the last ``t = min(last_q, Lq)`` queries, summed per key column and per diagonal.
 
@@ -68,7 +68,7 @@ def last_queries_line_sums(
     k_pos = torch.arange(lk, device=q.device)
     vertical = torch.zeros(bsz, hkv, g, lk, dtype=torch.float32, device=q.device)
     slash = torch.zeros(bsz, hkv, g, 2 * lk - 1, dtype=torch.float32, device=q.device)
-    step = max(1, min(t, chunk_elements // max(1, 2 * bsz * hq * lk)))
+    step = rows_per_chunk(t, 2 * bsz * hq * lk, chunk_elements, q.device)
     for a0 in range(0, t, step):
         a1 = min(t, a0 + step)
         n = a1 - a0
@@ -102,7 +102,7 @@ def line_block_sums(
     q_len: int,
     k_len: int,
     block_size: int,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> Tensor:
     """Per block, the total weight of the vertical columns it contains plus the slash lines that pass through it.
 
@@ -131,7 +131,7 @@ def line_block_sums(
     j0 = torch.arange(kb, device=device) * b
     j1 = torch.clamp(j0 + b - 1, max=k_len - 1)
     out = torch.empty(bsz, h, qb, kb, dtype=torch.float64, device=device)
-    step = max(1, min(qb, chunk_elements // max(1, 2 * bsz * h * kb)))
+    step = rows_per_chunk(qb, 2 * bsz * h * kb, chunk_elements, device)
     for r0 in range(0, qb, step):
         r1 = min(qb, r0 + step)
         lo_idx = p0[r0:r1, None] - j1[None, :] + (lk - 1)  # offsets of the interval, as slash indices
